@@ -1,0 +1,72 @@
+"""Checks on a composed config that the schema's types cannot express.
+
+They run before the run folder is created; every problem found is reported at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import torch
+
+from finetune_cli.config import Config, DataSource, Device
+from finetune_cli.data import resolve_workers
+from finetune_cli.errors import FinetuneError
+from finetune_cli.models.factory import check_model_name
+from finetune_cli.models.weights import resolve_weights
+from finetune_cli.synthetic import class_pool
+
+
+def problems(cfg: Config) -> List[str]:
+    found: List[str] = []
+
+    def attempt(fn) -> None:
+        try:
+            fn()
+        except FinetuneError as exc:
+            found.append(str(exc))
+
+    attempt(lambda: check_model_name(cfg.model.name))
+    if not found and cfg.model.weights != "synthetic":
+        attempt(lambda: resolve_weights(cfg.model.name, cfg.model.weights))
+    attempt(lambda: resolve_workers(cfg.data.num_workers))
+    if cfg.data.source == DataSource.imagefolder:
+        if not cfg.data.root:
+            found.append(
+                "data.root is not set. Point it at your images (data.root=DIR with DIR/train/<class>/*), "
+                "or try data=synthetic, or `finetune-cli experiment=quickstart` for the offline demo."
+            )
+        elif not Path(cfg.data.root).expanduser().is_dir():
+            found.append(f"data.root={cfg.data.root} does not exist (relative paths start at {Path.cwd()}).")
+    else:
+        limit = len(class_pool("target"))
+        if not 2 <= cfg.data.synthetic.classes <= limit:
+            found.append(f"data.synthetic.classes must be between 2 and {limit} (got {cfg.data.synthetic.classes}).")
+    positive = {
+        "trainer.epochs": cfg.trainer.epochs,
+        "data.batch_size": cfg.data.batch_size,
+        "optimizer.lr": cfg.optimizer.lr,
+        "strategy.lr_scale": cfg.strategy.lr_scale,
+    }
+    found += [f"{k} must be greater than 0 (got {v})." for k, v in positive.items() if not v > 0]
+    if cfg.data.image_size is not None and cfg.data.image_size < 16:
+        found.append(f"data.image_size={cfg.data.image_size} is too small; use 16 or more (or null for the weights' size).")
+    if not 0 < cfg.data.val_fraction < 1:
+        found.append(f"data.val_fraction must be between 0 and 1 (got {cfg.data.val_fraction}).")
+    for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
+        if not 0 <= value < 1:
+            found.append(f"{key} must be in [0, 1) (got {value}).")
+    if cfg.strategy.freeze_groups < 0:
+        found.append(f"strategy.freeze_groups must be 0 or more (got {cfg.strategy.freeze_groups}).")
+    if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():
+        found.append("trainer.device=cuda, but no CUDA GPU is visible to PyTorch; use trainer.device=auto or cpu.")
+    return found
+
+
+def check(cfg: Config) -> None:
+    found = problems(cfg)
+    if len(found) == 1:
+        raise FinetuneError(f"Invalid configuration: {found[0]}")
+    if found:
+        raise FinetuneError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in found))

@@ -1,0 +1,94 @@
+"""The ``finetune-cli`` entrypoint (Hydra)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune_cli.config import Config, register_configs
+from finetune_cli.errors import FinetuneError
+from finetune_cli.paths import conf_dir
+
+log = logging.getLogger("finetune_cli")
+
+
+def unique_dir(path: str) -> str:
+    """Create ``path`` — or ``path-2``, ``path-3``... if taken — and return the name created.
+
+    Registered with caching, so a run (and every job of a sweep) resolves it once.
+    """
+    base = Path(path)
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+def _typed(cfg: DictConfig) -> Config:
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+class RunHooks(Callback):
+    """Checks the config before any folder exists; lists a sweep's results at its end."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from finetune_cli.checks import check
+
+        check(_typed(_without_hydra(config)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.on_run_start(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from finetune_cli.sweep import show_sweep
+
+        show_sweep(Path(config.hydra.sweep.dir))
+
+
+def _without_hydra(config: DictConfig) -> DictConfig:
+    cfg = copy.deepcopy(config)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    from finetune_cli.run import mark_failed, run
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    overrides = " ".join(hc.overrides.task) or "(none)"
+    log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
+    try:
+        summary = run(_typed(cfg), out_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    except FinetuneError as exc:
+        log.error(str(exc))
+        mark_failed(out_dir, exc)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweep records the failure and goes on with the other jobs
+        raise SystemExit(1) from None
+    except Exception as exc:
+        mark_failed(out_dir, exc)
+        raise
+    best = summary.get("best")
+    return best["value"] if best else None
+
+
+__all__ = ["main", "RunHooks", "unique_dir"]

@@ -1,0 +1,176 @@
+"""Typed configuration schema.
+
+Every run is validated against these dataclasses (registered in Hydra's ConfigStore as the base
+of ``conf/config.yaml``): a misspelled key, a wrong type or an unknown choice fails during
+composition, before any output folder exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class StrategyName(str, Enum):
+    linear_probe = "linear_probe"
+    freeze_early = "freeze_early"
+    full = "full"
+
+
+class BNMode(str, Enum):
+    frozen_eval = "frozen_eval"  # BatchNorm in frozen groups runs in eval mode
+    train = "train"  # every BatchNorm updates its statistics
+    freeze_all = "freeze_all"  # every BatchNorm in eval mode, even in trainable groups
+
+
+class HeadType(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+
+
+class DataSource(str, Enum):
+    imagefolder = "imagefolder"
+    synthetic = "synthetic"
+
+
+class AugmentName(str, Enum):
+    none = "none"
+    basic = "basic"
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    constant = "constant"
+    step = "step"
+    cosine = "cosine"
+    cosine_restarts = "cosine_restarts"
+    onecycle = "onecycle"
+    plateau = "plateau"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Amp(str, Enum):
+    auto = "auto"  # bf16 (or fp16 where bf16 is unsupported) on CUDA, off on CPU
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Monitor(str, Enum):
+    val_acc = "val_acc"
+    val_loss = "val_loss"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    # DEFAULT, a torchvision weights name, a local file, "synthetic", or null (random init)
+    weights: Optional[str] = "DEFAULT"
+    head: HeadType = HeadType.linear
+    head_hidden: int = 512
+    head_dropout: float = 0.0
+    aux_logits: bool = True  # keep GoogLeNet / InceptionV3 auxiliary classifiers in training
+    aux_weight: float = 0.3  # weight of each auxiliary loss
+
+
+@dataclass
+class SyntheticConfig:
+    classes: int = 10
+    train_per_class: int = 60
+    val_per_class: int = 20
+    image_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.imagefolder
+    root: Optional[str] = None
+    image_size: Optional[int] = None  # default: the weights' own crop size
+    batch_size: int = 32
+    num_workers: str = "auto"  # "auto" or a number
+    val_fraction: float = 0.2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class StrategyConfig:
+    name: StrategyName = StrategyName.linear_probe
+    freeze_groups: int = 3  # freeze_early: how many groups, from the input side, stay frozen
+    lr_scale: float = 1.0  # multiplies optimizer.lr for this strategy (full fine-tuning: low LR)
+    bn: BNMode = BNMode.frozen_eval
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = ScheduleName.cosine
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.01
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's LR
+    step_epochs: int = 10  # step: decay every N epochs
+    gamma: float = 0.1  # step / plateau decay factor
+    restart_epochs: int = 5  # cosine_restarts: first cycle length
+    restart_mult: int = 1  # cosine_restarts: cycle length multiplier
+    pct_start: float = 0.3  # onecycle: fraction of steps spent rising
+    plateau_patience: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    name: AugmentName = AugmentName.basic
+    hflip: bool = True
+    scale_min: float = 0.35  # random resized crop: smallest fraction of the image area
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    device: Device = Device.auto
+    seed: int = 42
+    amp: Amp = Amp.auto
+    grad_clip: Optional[float] = None  # max gradient norm
+    label_smoothing: float = 0.0
+    monitor: Monitor = Monitor.val_acc  # chooses best.pt and drives early stopping
+    patience: Optional[int] = None  # early stopping: epochs without improvement; null = off
+    min_delta: float = 0.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    plan: bool = False  # print the plan and exit without training
+    cache_dir: Optional[str] = None  # synthetic data and weights; default $FINETUNE_CLI_CACHE
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="finetune_schema", node=Config)

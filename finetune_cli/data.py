@@ -1,0 +1,184 @@
+"""Datasets and loaders: ImageFolder layouts, stratified splits, RGB conversion."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune_cli.errors import FinetuneError
+
+EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(EXTENSIONS) and not os.path.basename(path).startswith(".")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image mode (grayscale, palette/GIF, RGBA, CMYK, 16-bit) as upright RGB."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            span = max(float(arr.max() - arr.min()), 1.0)
+            img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    classes: List[str]
+    root: Path
+    val_source: str  # "val/ folder" or "stratified split of train/"
+
+    @property
+    def images_per_class(self) -> float:
+        return len(self.train) / max(1, len(self.classes))
+
+
+def _folder(root: Path, transform: Callable) -> ImageFolder:
+    try:
+        return ImageFolder(str(root), transform=transform, loader=load_rgb, is_valid_file=is_image)
+    except FileNotFoundError as exc:
+        raise FinetuneError(
+            f"No images found under {root}: {exc}. Expected one sub-folder per class holding "
+            f"image files ({', '.join(EXTENSIONS)})."
+        ) from None
+
+
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Per class, a seeded shuffle puts round(n * val_fraction) images (at least one where the
+    class has two or more) into validation."""
+    by_class: dict = {}
+    for idx, t in enumerate(targets):
+        by_class.setdefault(t, []).append(idx)
+    rng = random.Random(seed)
+    train, val = [], []
+    for t in sorted(by_class):
+        idx = by_class[t][:]
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return sorted(train), sorted(val)
+
+
+def image_folder_splits(
+    root: Path,
+    train_tf: Callable,
+    val_tf: Callable,
+    *,
+    val_fraction: float,
+    seed: int,
+) -> Splits:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FinetuneError(
+            f"data.root={root} does not exist. Point data.root at a folder holding train/<class>/* "
+            "(and optionally val/<class>/*), or run `finetune-cli experiment=quickstart` for an "
+            "offline demo on generated data."
+        )
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise FinetuneError(
+            f"{root} has no train/ folder. Expected {root}/train/<class>/* and optionally "
+            f"{root}/val/<class>/*."
+        )
+    train_full = _folder(train_dir, train_tf)
+    classes = list(train_full.classes)
+    val_dir = root / "val"
+    if val_dir.is_dir():
+        val = _folder(val_dir, val_tf)
+        if list(val.classes) != classes:
+            only_train = sorted(set(classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(classes))
+            raise FinetuneError(
+                f"Class folders differ between {train_dir} and {val_dir}: only in train: "
+                f"{only_train or '-'}; only in val: {only_val or '-'}. Give both the same class "
+                "folders, or remove val/ to split train/ automatically."
+            )
+        return Splits(train_full, val, classes, root, "val/ folder")
+    if not 0 < val_fraction < 1:
+        raise FinetuneError(f"data.val_fraction must be between 0 and 1 (got {val_fraction}).")
+    train_idx, val_idx = stratified_split(train_full.targets, val_fraction, seed)
+    if not val_idx:
+        raise FinetuneError(
+            f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
+            "more images per class."
+        )
+    val_full = _folder(train_dir, val_tf)
+    return Splits(
+        Subset(train_full, train_idx),
+        Subset(val_full, val_idx),
+        classes,
+        root,
+        f"stratified split of train/ (val_fraction={val_fraction}, seed={seed})",
+    )
+
+
+def resolve_workers(value: str) -> int:
+    if str(value).strip().lower() == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(0, min(8, cores - 1))
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise FinetuneError(f"data.num_workers={value}: use 'auto' or a whole number >= 0.")
+    return n
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    train: bool,
+    seed: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,  # no size-1 batch through BatchNorm
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        generator=generator,
+    )

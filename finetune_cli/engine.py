@@ -1,0 +1,155 @@
+"""``train_one_epoch`` and ``evaluate``. Device moves, AMP and clipping live here only."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finetune_cli.errors import FinetuneError
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None: full precision) and whether a gradient scaler is needed (fp16)."""
+
+    dtype: Optional[torch.dtype] = None
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def scaler(self, device: torch.device) -> Optional[torch.amp.GradScaler]:
+        if self.dtype == torch.float16 and device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+
+def split_outputs(out) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """GoogLeNet / InceptionV3 return named tuples with auxiliary logits in training mode."""
+    if isinstance(out, tuple):
+        return out[0], [o for o in out[1:] if o is not None]
+    return out, []
+
+
+def _bar(loader, progress: bool, desc: str):
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable,
+    device: torch.device,
+    *,
+    step_schedule: Callable[[], None] = lambda: None,
+    precision: Precision = Precision(),
+    scaler: Optional[torch.amp.GradScaler] = None,
+    grad_clip: Optional[float] = None,
+    aux_weight: float = 0.0,
+    progress: bool = False,
+    desc: str = "train",
+) -> EpochResult:
+    model.train()
+    params: Sequence[torch.Tensor] = [
+        p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
+    ]
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits, aux = split_outputs(model(images))
+            loss = criterion(logits, targets)
+            for a in aux:
+                loss = loss + aux_weight * criterion(a, targets)
+        if not torch.isfinite(loss):
+            raise FinetuneError(
+                f"The training loss became {loss.item()} at step {step} of {desc}. Lower "
+                "optimizer.lr, set trainer.grad_clip (e.g. 1.0), or check the data. The "
+                "checkpoints written so far are kept."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+        step_schedule()
+        n = targets.size(0)
+        total_loss += loss.detach() * n
+        correct += (logits.detach().argmax(1) == targets).sum()
+        seen += n
+    seconds = time.perf_counter() - start
+    return EpochResult(
+        loss=(total_loss / max(seen, 1)).item(),
+        acc=(correct.float() / max(seen, 1)).item(),
+        images=seen,
+        seconds=seconds,
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader,
+    criterion: Callable,
+    device: torch.device,
+    *,
+    precision: Precision = Precision(),
+    progress: bool = False,
+    desc: str = "val",
+) -> EpochResult:
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    start = time.perf_counter()
+    for images, targets in _bar(loader, progress, desc):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits, _ = split_outputs(model(images))
+            loss = criterion(logits.float(), targets)
+        total_loss += loss * targets.size(0)
+        correct += (logits.argmax(1) == targets).sum()
+        seen += targets.size(0)
+    return EpochResult(
+        loss=(total_loss / max(seen, 1)).item(),
+        acc=(correct.float() / max(seen, 1)).item(),
+        images=seen,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,110 @@
+"""Resolving ``model.weights`` and reading weight files safely."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+from urllib.parse import urlparse
+
+import torch
+from torchvision.models import get_model_weights
+
+from finetune_cli.errors import FinetuneError
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+RANDOM_NAMES = ("null", "none", "random")
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    kind: str  # "none" | "torchvision" | "file"
+    torchvision: Any = None  # a torchvision WeightsEnum member
+    path: Optional[Path] = None
+    label: Optional[str] = None  # how to name this choice to the user
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        if self.kind == "torchvision":
+            return f"torchvision {type(self.torchvision).__name__}.{self.torchvision.name}"
+        if self.kind == "file":
+            return f"file {self.path}"
+        return "random init"
+
+
+def resolve_weights(model_name: str, spec: Optional[str]) -> WeightsChoice:
+    if spec is None or spec.strip().lower() in RANDOM_NAMES:
+        return WeightsChoice("none")
+    looks_like_path = spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
+    if looks_like_path:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FinetuneError(
+                f"model.weights={spec}: no such file. Give the path of a state dict or a "
+                f"finetune-cli checkpoint ({', '.join(WEIGHT_SUFFIXES)}), a torchvision weights "
+                "name such as DEFAULT, or null for random init."
+            )
+        return WeightsChoice("file", path=path.resolve())
+    enum_cls = get_model_weights(model_name)
+    name = spec.split(".")[-1]  # accept "ResNet50_Weights.IMAGENET1K_V2" too
+    if name == "DEFAULT":
+        return WeightsChoice("torchvision", torchvision=enum_cls.DEFAULT)
+    valid = [w.name for w in enum_cls]
+    if name not in valid:
+        raise FinetuneError(
+            f"model.weights={spec} is not a weights name of {model_name}. Valid choices: "
+            f"DEFAULT, {', '.join(valid)}; or a local file, 'synthetic', or null for random init."
+        )
+    return WeightsChoice("torchvision", torchvision=enum_cls[name])
+
+
+def ensure_downloaded(weights: Any, progress: bool) -> None:
+    """Fetch torchvision weights into the torch hub cache, or stop with the remedies."""
+    filename = os.path.basename(urlparse(weights.url).path)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if target.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(target), progress=progress)
+    except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
+        raise FinetuneError(
+            f"Could not download pretrained weights {type(weights).__name__}.{weights.name} "
+            f"from {weights.url} ({type(exc).__name__}: {exc}). Remedies: connect to the "
+            f"internet and rerun; or copy the file to {target} (the torch hub cache, set by "
+            "$TORCH_HOME); or pass a local file with model.weights=/path/to/weights.pth; or "
+            "model.weights=synthetic for offline demo weights; or model.weights=null to train "
+            "from random init on purpose. Nothing was trained."
+        ) from None
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from a plain state-dict file, a finetune-cli checkpoint or safetensors.
+
+    Pickle files load with ``weights_only=True``: a file that would run code is refused.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FinetuneError(
+            f"Could not read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+            "Only plain tensors and containers are accepted (weights_only=True); save the file "
+            "with torch.save(model.state_dict(), path) or as .safetensors."
+        ) from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FinetuneError(
+            f"Weights file {path} holds no state dict (a mapping of names to tensors). Save it "
+            "with torch.save(model.state_dict(), path)."
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}

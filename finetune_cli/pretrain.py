@@ -1,0 +1,96 @@
+"""``model.weights=synthetic``: a backbone pretrained once on the synthetic *source* task.
+
+The source task's classes are disjoint from the target task's (see ``synthetic.class_pool``),
+so fine-tuning these weights on the target task shows real transfer without a download. The
+result is cached per model and image size; the file holds no head.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune_cli.config import AugmentName, Monitor, ScheduleConfig, ScheduleName
+from finetune_cli.data import image_folder_splits, make_loader
+from finetune_cli.engine import Precision, evaluate, train_one_epoch
+from finetune_cli.io_utils import atomic_torch_save
+from finetune_cli.models.factory import create_model, head_prefixes, preprocess_for
+from finetune_cli.models.weights import WeightsChoice
+from finetune_cli.optim import Schedule, param_groups
+from finetune_cli.synthetic import SyntheticSpec, generate
+from finetune_cli.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+SOURCE = dict(classes=16, train_per_class=100, val_per_class=20, seed=1234)
+EPOCHS = 15
+LR = 2e-3
+BATCH = 64
+
+
+def synthetic_weights_path(cache: Path, model_name: str, image_size: int) -> Path:
+    return cache / "weights" / f"synthetic-{model_name}-{image_size}px-v{RECIPE_VERSION}.pt"
+
+
+def synthetic_weights(
+    model_name: str,
+    image_size: int,
+    cache: Path,
+    device: torch.device,
+    precision: Precision,
+    num_workers: int,
+    progress: bool,
+) -> Path:
+    path = synthetic_weights_path(cache, model_name, image_size)
+    if path.is_file():
+        return path
+    spec = SyntheticSpec(task="source", image_size=image_size, **SOURCE)
+    log.info(
+        f"Pretraining {model_name} on the synthetic source task ({spec.classes} classes, disjoint "
+        f"from the target task; {EPOCHS} epochs at {image_size}px). This happens once; the "
+        f"weights are cached at {path}."
+    )
+    root = generate(spec, cache)
+    choice = WeightsChoice("none")
+    pre = preprocess_for(model_name, choice, image_size)
+    splits = image_folder_splits(
+        root,
+        train_transform(pre, AugmentName.basic, hflip=True, scale_min=0.35),
+        eval_transform(pre),
+        val_fraction=0.2,
+        seed=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        built = create_model(model_name, choice, len(splits.classes), image_size=image_size)
+        model = built.model.to(device)
+        optimizer = torch.optim.AdamW(param_groups(built.groups, [LR] * len(built.groups), 0.05), lr=LR)
+        train_loader = make_loader(splits.train, batch_size=BATCH, num_workers=num_workers, train=True, seed=0)
+        val_loader = make_loader(splits.val, batch_size=BATCH * 2, num_workers=num_workers, train=False, seed=0)
+        schedule = Schedule(
+            ScheduleConfig(name=ScheduleName.cosine, warmup_epochs=1.0),
+            optimizer,
+            epochs=EPOCHS,
+            steps_per_epoch=len(train_loader),
+            monitor=Monitor.val_acc,
+        )
+        criterion = nn.CrossEntropyLoss()
+        for epoch in range(1, EPOCHS + 1):
+            tr = train_one_epoch(
+                model, train_loader, optimizer, criterion, device,
+                step_schedule=schedule.step_batch, precision=precision,
+                aux_weight=0.3, progress=progress, desc=f"pretrain {epoch}/{EPOCHS}",
+            )
+            va = evaluate(model, val_loader, criterion, device, precision=precision)
+            log.info(
+                f"  source epoch {epoch:>2}/{EPOCHS}  train acc {100 * tr.acc:5.1f}%  "
+                f"val acc {100 * va.acc:5.1f}%  {tr.seconds + va.seconds:.1f}s"
+            )
+    heads = head_prefixes(built.family)
+    state = {k: v.cpu() for k, v in model.state_dict().items() if not any(k.startswith(h) for h in heads)}
+    atomic_torch_save({"model": state, "source_val_acc": va.acc, "source_classes": splits.classes}, path)
+    return path
