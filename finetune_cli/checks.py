@@ -5,10 +5,13 @@ They run before the run folder is created; every problem found is reported at on
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from finetune_cli.config import Config, DataSource, Device
 from finetune_cli.data import resolve_workers
@@ -16,6 +19,33 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models.factory import check_model_name
 from finetune_cli.models.weights import resolve_weights
 from finetune_cli.synthetic import class_pool
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[str]:
+    """Keys in a composed config that the dataclass schema does not declare (``+key=value``
+    can append them past Hydra's checks)."""
+    declared = {f.name: f.type for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        if key not in declared:
+            found.append(f"{prefix}{key}")
+            continue
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
+            found += unknown_keys(node[key], sub, f"{prefix}{key}.")
+    return found
+
+
+def typed_config(cfg: DictConfig) -> Config:
+    """The composed config as a ``Config`` instance; unknown keys are an error."""
+    extra = unknown_keys(cfg, Config)
+    if extra:
+        raise FinetuneError(
+            f"Unknown config key(s): {', '.join(extra)}. Check the spelling; "
+            "`finetune-cli --cfg job` prints every valid key with its current value."
+        )
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
 def problems(cfg: Config) -> List[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune_cli.config import Config, register_configs
+from finetune_cli.config import register_configs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.paths import conf_dir
 
@@ -36,20 +37,19 @@ def unique_dir(path: str) -> str:
             candidate = base.with_name(f"{base.name}-{n}")
 
 
-def _typed(cfg: DictConfig) -> Config:
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
 class RunHooks(Callback):
     """Checks the config before any folder exists; lists a sweep's results at its end."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from finetune_cli.checks import check
+        # Hydra turns exceptions raised in callbacks into warnings, so exit here directly.
+        # (A sweep is checked job by job instead: its base config lacks the swept values.)
+        from finetune_cli.checks import check, typed_config
 
-        check(_typed(_without_hydra(config)))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.on_run_start(config)
+        try:
+            check(typed_config(_without_hydra(config)))
+        except FinetuneError as exc:
+            print(str(exc), file=sys.stderr)
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from finetune_cli.sweep import show_sweep
@@ -70,6 +70,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
+    from finetune_cli.checks import typed_config
     from finetune_cli.run import mark_failed, run
 
     hc = HydraConfig.get()
@@ -77,7 +78,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     overrides = " ".join(hc.overrides.task) or "(none)"
     log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
     try:
-        summary = run(_typed(cfg), out_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        summary = run(typed_config(cfg), out_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     except FinetuneError as exc:
         log.error(str(exc))
         mark_failed(out_dir, exc)

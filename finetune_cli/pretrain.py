@@ -7,6 +7,8 @@ result is cached per model and image size; the file holds no head.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -33,7 +35,9 @@ BATCH = 64
 
 
 def synthetic_weights_path(cache: Path, model_name: str, image_size: int) -> Path:
-    return cache / "weights" / f"synthetic-{model_name}-{image_size}px-v{RECIPE_VERSION}.pt"
+    recipe = json.dumps([RECIPE_VERSION, SOURCE, EPOCHS, LR, BATCH], sort_keys=True).encode()
+    digest = hashlib.sha1(recipe).hexdigest()[:8]
+    return cache / "weights" / f"synthetic-{model_name}-{image_size}px-{digest}.pt"
 
 
 def synthetic_weights(

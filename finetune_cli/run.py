@@ -15,6 +15,7 @@ from torch import nn
 
 from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
+from finetune_cli.checks import check
 from finetune_cli.config import Amp, Config, DataSource, Device
 from finetune_cli.data import Splits, image_folder_splits, make_loader, resolve_workers
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
@@ -82,6 +83,7 @@ def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
 
 def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
     started = time.perf_counter()
+    check(cfg)
     seed_everything(cfg.trainer.seed)
     device = pick_device(cfg.trainer.device)
     precision = pick_precision(cfg.trainer.amp, device)

@@ -1,0 +1,112 @@
+"""Config composition through Hydra's compose API: every group option composes into the typed
+schema; wrong types, misspelled keys and unknown choices fail during composition."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from finetune_cli.checks import problems
+from finetune_cli.cli import unique_dir  # noqa: F401  (registers the resolver and the schema)
+from finetune_cli.config import Config, StrategyName
+from finetune_cli.paths import conf_dir
+
+GROUPS = ["model", "strategy", "optimizer", "schedule", "augment", "data", "trainer", "experiment"]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _options(group):
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def test_every_group_exists_with_options():
+    for group in GROUPS:
+        assert _options(group), group
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_into_the_schema(group):
+    for option in _options(group):
+        cfg = _compose([f"{group}={option}"])
+        typed = OmegaConf.to_object(cfg)
+        assert isinstance(typed, Config)
+
+
+def test_model_files_name_their_model():
+    for option in _options("model"):
+        assert OmegaConf.to_object(_compose([f"model={option}"])).model.name == option
+
+
+def test_defaults_and_user_keys():
+    cfg = OmegaConf.to_object(
+        _compose(
+            [
+                "model=resnet50", "model.weights=IMAGENET1K_V2", "data.root=/x", "data.image_size=64",
+                "data.batch_size=8", "data.num_workers=3", "optimizer.lr=0.5", "optimizer.weight_decay=0",
+                "trainer.epochs=2", "trainer.device=cpu", "trainer.seed=7", "strategy=freeze_early",
+            ]
+        )
+    )
+    assert cfg.model.name == "resnet50" and cfg.model.weights == "IMAGENET1K_V2"
+    assert (cfg.data.root, cfg.data.image_size, cfg.data.batch_size, cfg.data.num_workers) == ("/x", 64, 8, "3")
+    assert (cfg.optimizer.lr, cfg.trainer.epochs, cfg.trainer.seed) == (0.5, 2, 7)
+    assert cfg.strategy.name == StrategyName.freeze_early
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("trainer.epoch=3", "trainer.epoch"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("trainer.device=gpu", "trainer.device"),
+        ("strategy.name=magic", "strategy.name"),
+    ],
+)
+def test_bad_overrides_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose([override])
+    text = str(info.value) + str(info.value.__cause__)
+    assert key.split(".")[-1] in text
+
+
+def test_appended_keys_outside_the_schema_are_rejected():
+    from finetune_cli.checks import typed_config
+    from finetune_cli.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"Unknown config key\(s\): data.extra, trainer.foo"):
+        typed_config(_compose(["+data.extra=1", "+trainer.foo=2"]))
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(Exception, match="Could not find 'model/resnet9000'"):
+        _compose(["model=resnet9000"])
+
+
+def test_quickstart_experiment_is_offline():
+    cfg = OmegaConf.to_object(_compose(["experiment=quickstart"]))
+    assert cfg.model.weights == "synthetic" and cfg.data.source.value == "synthetic"
+    assert problems(cfg) == []
+
+
+def test_semantic_problems_are_all_reported(tmp_path):
+    cfg = OmegaConf.to_object(
+        _compose(["model.name=resnet19", "data.root=" + str(tmp_path / "missing"), "optimizer.lr=0", "data.num_workers=many"])
+    )
+    found = "\n".join(problems(cfg))
+    for needle in ("Unknown model 'resnet19'", "Did you mean resnet18", "does not exist", "optimizer.lr", "data.num_workers=many"):
+        assert needle in found
+
+
+def test_unique_dir_never_reuses_a_folder(tmp_path):
+    base = str(tmp_path / "2026-01-01" / "10-00-00")
+    first, second, third = unique_dir(base), unique_dir(base), unique_dir(base)
+    assert len({first, second, third}) == 3
+    assert all(Path(p).is_dir() for p in (first, second, third))
+    assert Path(second).name == "10-00-00-2"

@@ -1,0 +1,98 @@
+"""Image loading, folder layouts and splits."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune_cli.config import AugmentName
+from finetune_cli.data import image_folder_splits, load_rgb, resolve_workers, stratified_split
+from finetune_cli.errors import FinetuneError
+from finetune_cli.synthetic import SyntheticSpec, class_pool, generate
+from finetune_cli.transforms import Preprocess, eval_transform, train_transform
+
+from conftest import make_image_folder
+
+PRE = Preprocess(crop_size=32, resize_size=36)
+
+
+def _save_modes(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Image.new("RGB", (30, 20), (200, 30, 30))
+    base.convert("L").save(folder / "gray.png")
+    base.convert("P").save(folder / "palette.gif")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(folder / "sixteen.png")
+    rotated = Image.new("RGB", (30, 20), (10, 200, 10))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    rotated.save(folder / "exif.jpg", exif=exif)
+
+
+def test_every_image_mode_loads_as_rgb(tmp_path):
+    _save_modes(tmp_path)
+    for path in tmp_path.iterdir():
+        img = load_rgb(str(path))
+        assert img.mode == "RGB", path.name
+    assert load_rgb(str(tmp_path / "exif.jpg")).size == (20, 30)  # EXIF orientation applied
+    r, g, b = load_rgb(str(tmp_path / "gray.png")).getpixel((5, 5))
+    assert r == g == b
+
+
+def test_folder_with_mixed_modes_trains_through_transforms(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    _save_modes(root / "train" / "cat")
+    tf = train_transform(PRE, AugmentName.basic, hflip=True, scale_min=0.5)
+    splits = image_folder_splits(root, tf, eval_transform(PRE), val_fraction=0.2, seed=0)
+    assert splits.classes == ["cat", "dog"] and splits.val_source == "val/ folder"
+    for i in range(len(splits.train)):
+        x, y = splits.train[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_stratified_split_without_val_folder(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10, val=False)
+    splits = image_folder_splits(root, eval_transform(PRE), eval_transform(PRE), val_fraction=0.2, seed=3)
+    assert "stratified" in splits.val_source
+    assert (len(splits.train), len(splits.val)) == (24, 6)
+    val_labels = sorted(splits.val[i][1] for i in range(len(splits.val)))
+    assert val_labels == [0, 0, 1, 1, 2, 2]
+    again = image_folder_splits(root, eval_transform(PRE), eval_transform(PRE), val_fraction=0.2, seed=3)
+    assert list(splits.val.indices) == list(again.val.indices)  # seeded: same split every time
+    train_idx, val_idx = stratified_split([0, 0, 1], 0.5, 0)
+    assert sorted(train_idx + val_idx) == [0, 1, 2] and 2 in train_idx  # a single image stays in train
+
+
+def test_layout_errors_name_the_problem(tmp_path):
+    with pytest.raises(FinetuneError, match="does not exist"):
+        image_folder_splits(tmp_path / "nope", None, None, val_fraction=0.2, seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FinetuneError, match="no train/ folder"):
+        image_folder_splits(tmp_path / "empty", None, None, val_fraction=0.2, seed=0)
+    root = make_image_folder(tmp_path / "d")
+    (root / "val" / "dog").rename(root / "val" / "bird")
+    with pytest.raises(FinetuneError, match=r"only in train: \['dog'\]; only in val: \['bird'\]"):
+        image_folder_splits(root, None, None, val_fraction=0.2, seed=0)
+
+
+def test_num_workers_auto_and_invalid():
+    assert resolve_workers("auto") >= 0
+    assert resolve_workers("3") == 3
+    with pytest.raises(FinetuneError, match="num_workers"):
+        resolve_workers("-2")
+
+
+def test_synthetic_dataset_is_cached_and_source_target_disjoint(tmp_path):
+    spec = SyntheticSpec(classes=4, train_per_class=3, val_per_class=2, image_size=24)
+    root = generate(spec, tmp_path)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    assert len(files) == 4 * 5
+    assert Image.open(root / files[0]).size == (24, 24)
+    stamp = (root / "spec.json").stat().st_mtime_ns
+    assert generate(spec, tmp_path) == root and (root / "spec.json").stat().st_mtime_ns == stamp
+    assert not set(class_pool("target")) & set(class_pool("source"))
+    # same shapes and textures on both sides, so features transfer
+    assert {s for s, _ in class_pool("target")} == {s for s, _ in class_pool("source")}

@@ -1,0 +1,116 @@
+"""Freezing strategies, BatchNorm policy and optimizer parameter groups on a real model."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from finetune_cli.config import BNMode, OptimizerConfig, OptimizerName, StrategyName
+from finetune_cli.errors import FinetuneError
+from finetune_cli.models import WeightsChoice, create_model
+from finetune_cli.optim import build_optimizer, param_groups
+from finetune_cli.strategies import apply_freezing, trainable_mask
+
+
+def _setup(strategy, bn=BNMode.frozen_eval, freeze_groups=3, opt=OptimizerName.sgd):
+    torch.manual_seed(0)
+    built = create_model("resnet18", WeightsChoice("none"), num_classes=3, image_size=32)
+    names = [g.name for g in built.groups]
+    mask = trainable_mask(strategy, names, freeze_groups)
+    apply_freezing(built.groups, mask, bn)
+    cfg = OptimizerConfig(name=opt, lr=0.1, weight_decay=0.1)
+    optimizer = build_optimizer(cfg, param_groups(built.groups, [0.1] * len(names), cfg.weight_decay))
+    return built, mask, optimizer
+
+
+def _bn_stats(modules):
+    return [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for mod in modules
+        for m in mod.modules()
+        if isinstance(m, _BatchNorm)
+    ]
+
+
+def _step(built, optimizer, steps=2):
+    model = built.model
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_masks():
+    names = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert trainable_mask(StrategyName.linear_probe, names, 0) == [False] * 5 + [True]
+    assert trainable_mask(StrategyName.full, names, 0) == [True] * 6
+    assert trainable_mask(StrategyName.freeze_early, names, 2) == [False, False, True, True, True, True]
+    with pytest.raises(FinetuneError, match="out of range.*layer4"):
+        trainable_mask(StrategyName.freeze_early, names, 6)
+
+
+@pytest.mark.parametrize("strategy", [StrategyName.linear_probe, StrategyName.freeze_early])
+def test_frozen_groups_get_no_grad_no_update_and_keep_bn_stats(strategy):
+    built, mask, optimizer = _setup(strategy)
+    frozen = [g for g, on in zip(built.groups, mask) if not on]
+    trained = [g for g, on in zip(built.groups, mask) if on]
+    before = {n: p.detach().clone() for g in frozen for n, p in g.params}
+    stats_before = _bn_stats(m for g in frozen for m in g.modules)
+    trained_stats_before = _bn_stats(m for g in trained for m in g.modules)
+
+    _step(built, optimizer)
+
+    for g in frozen:
+        for n, p in g.params:
+            assert not p.requires_grad and p.grad is None, n
+            assert torch.equal(p, before[n]), f"{n} changed although frozen"
+    for a, b in zip(stats_before, _bn_stats(m for g in frozen for m in g.modules)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # bit-identical running statistics
+    # trainable groups did learn (weights and, where present, BN statistics)
+    assert all(p.grad is not None for g in trained for _, p in g.params)
+    if trained_stats_before:
+        after = _bn_stats(m for g in trained for m in g.modules)
+        assert any(not torch.equal(a[0], b[0]) for a, b in zip(trained_stats_before, after))
+    # no optimizer state (momentum) was created for frozen parameters
+    frozen_ids = {id(p) for g in frozen for _, p in g.params}
+    assert not any(id(p) in frozen_ids for p in optimizer.state)
+
+
+def test_frozen_bn_stays_in_eval_through_model_train():
+    built, mask, _ = _setup(StrategyName.linear_probe)
+    built.model.train()
+    built.model.train(True)
+    for g, on in zip(built.groups, mask):
+        bns = [m for mod in g.modules for m in mod.modules() if isinstance(m, _BatchNorm)]
+        assert all(bn.training == on for bn in bns), g.name
+
+
+def test_bn_modes():
+    built, _, optimizer = _setup(StrategyName.full, bn=BNMode.freeze_all)
+    built.model.train()
+    bns = [m for m in built.model.modules() if isinstance(m, _BatchNorm)]
+    assert bns and not any(bn.training for bn in bns)
+    stats = _bn_stats([built.model])
+    _step(built, optimizer)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(stats, _bn_stats([built.model])))
+
+    built, _, _ = _setup(StrategyName.linear_probe, bn=BNMode.train)
+    built.model.train()
+    assert all(m.training for m in built.model.modules() if isinstance(m, _BatchNorm))
+
+
+def test_param_groups_no_decay_on_norm_and_bias_and_every_group_present():
+    built, _, optimizer = _setup(StrategyName.linear_probe, opt=OptimizerName.adamw)
+    names = {g["group"] for g in optimizer.param_groups}
+    assert names == {g.name for g in built.groups}  # frozen groups are there too, gated
+    by_id = {id(p): n for g in built.groups for n, p in g.params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = by_id[id(p)]
+            is_norm_or_bias = p.ndim <= 1
+            assert (group["weight_decay"] == 0.0) == is_norm_or_bias, name
+    counted = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert counted == len(list(built.model.parameters()))
