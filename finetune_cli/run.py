@@ -162,6 +162,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
         atomic_json(summary, out_dir / "summary.json")
         return summary
 
+    setup_seconds = time.perf_counter() - started
     pin = device.type == "cuda"
     bs = cfg.data.batch_size
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
@@ -228,6 +229,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
                 "best": {"monitor": cfg.trainer.monitor.value, "value": tracker.best, "epoch": tracker.best_epoch},
                 "epochs_run": epoch,
                 "total_seconds": time.perf_counter() - started,
+                "setup_seconds": setup_seconds,
                 "train_seconds": train_seconds,
                 "train_images_per_s": train_images / train_seconds if train_seconds else 0.0,
                 "peak_memory_mb": mem,

@@ -69,7 +69,8 @@ def show_result(summary: Dict[str, Any]) -> None:
                  f"{summary['dataset']['train_images']} train / {summary['dataset']['val_images']} val"),
         (f"best {best['monitor']}", f"{best['value']:.4f} (epoch {best['epoch']})"),
         ("epochs run", str(summary["epochs_run"])),
-        ("time", f"{summary['total_seconds']:.1f}s ({summary['train_images_per_s']:.0f} train img/s)"),
+        ("time", f"{summary['total_seconds']:.1f}s in all: {summary['train_seconds']:.1f}s training "
+                 f"({summary['train_images_per_s']:.0f} img/s), {summary['setup_seconds']:.1f}s setup"),
         ("trainable", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
                       f"({summary['trainable_pct']:.1f}%)"),
         ("peak memory", f"{summary['peak_memory_mb']:.0f} MB ({summary['peak_memory_kind']})"),

@@ -1,0 +1,242 @@
+"""The real CLI in a subprocess: quickstart, sweeps, image folders, weight files, bad input."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY, cli, make_image_folder, run_dirs
+
+SMALL_SYNTHETIC = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10"]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_quickstart_end_to_end(tmp_path):
+    proc = cli(["experiment=quickstart"], tmp_path)
+    _ok(proc)
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert run.parent.parent == tmp_path / "outputs"  # outputs/<date>/<time>
+    assert str(run) in proc.stdout and "Result" in proc.stdout
+    for name in (".hydra/config.yaml", "finetune.log", "classes.json", "metrics.csv", "summary.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 6  # trainer.epochs of the quickstart
+    for col in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_stem", "lr_layer4", "lr_head",
+                "epoch_seconds", "trainable_params"):
+        assert col in rows[0], col
+
+    summary = _summary(run)
+    assert summary["status"] == "completed" and summary["strategy"] == "freeze_early"
+    assert summary["dataset"]["classes"] == 10 and summary["epochs_run"] == 6
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["peak_memory_mb"] > 0 and summary["train_images_per_s"] > 0
+    best = summary["best"]
+    assert best["value"] == max(float(r["val_acc"]) for r in rows)
+    assert best["value"] > 0.5  # 10 classes: chance is 0.1
+
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == best["epoch"]
+    assert ckpt["classes"] == json.loads((run / "classes.json").read_text())
+    assert ckpt["config"]["model"]["name"] == "resnet18"
+    assert {"model", "optimizer", "schedule"} <= set(ckpt)
+    log = (run / "finetune.log").read_text()
+    assert "Trainable:" in log and "epoch   6/6" in log
+
+
+def test_linear_probe_transfers_from_synthetic_weights(tmp_path):
+    """Synthetic pretraining must beat random weights clearly on the disjoint target classes."""
+    accs = {}
+    for weights in ("synthetic", "null"):
+        proc = cli(
+            ["data=synthetic", "strategy=linear_probe", f"model.weights={weights}", "trainer.epochs=8",
+             "optimizer.lr=0.01", "data.num_workers=0", f"hydra.run.dir=outputs/{weights}"],
+            tmp_path,
+        )
+        _ok(proc)
+        accs[weights] = _summary(tmp_path / "outputs" / weights)["best"]["value"]
+    print(f"linear probe val acc: synthetic weights {accs['synthetic']:.3f}, random weights {accs['null']:.3f}")
+    assert accs["synthetic"] - accs["null"] >= 0.3, accs
+
+
+def test_strategy_sweep_lands_in_multirun_folders(tmp_path):
+    proc = cli(
+        ["-m", "strategy=linear_probe,freeze_early,full", "model.weights=synthetic", *SMALL_SYNTHETIC, *TINY],
+        tmp_path,
+    )
+    _ok(proc)
+    runs = run_dirs(tmp_path / "outputs" / "multirun")
+    assert len(runs) == 3
+    summaries = {s["strategy"]: s for s in map(_summary, runs)}
+    assert set(summaries) == {"linear_probe", "freeze_early", "full"}
+    assert all(s["status"] == "completed" for s in summaries.values())
+    pct = [summaries[k]["trainable_pct"] for k in ("linear_probe", "freeze_early", "full")]
+    assert pct[0] < pct[1] < pct[2] == 100.0
+    assert all((r / "checkpoints" / "last.pt").is_file() for r in runs)
+    assert "Sweep:" in proc.stdout  # the closing table of the sweep
+
+
+def test_failing_job_keeps_the_other_jobs_results(tmp_path):
+    proc = cli(["-m", "optimizer.lr=0.01,-1", "model.weights=null", *SMALL_SYNTHETIC, *TINY], tmp_path)
+    assert proc.returncode != 0
+    runs = {_summary(r)["status"]: r for r in run_dirs(tmp_path / "outputs" / "multirun")}
+    assert set(runs) == {"completed", "failed"}
+    assert (runs["completed"] / "checkpoints" / "best.pt").is_file()
+    assert "optimizer.lr must be greater than 0" in _summary(runs["failed"])["error"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("trainer.epoch=3", "trainer.epoch"),
+        ("strategy=nonsense", "strategy/nonsense"),
+        ("+data.extra=1", "data.extra"),
+        ("model.name=resnet19", "Did you mean resnet18"),
+        ("data.root=does/not/exist", "does not exist"),
+    ],
+)
+def test_bad_input_exits_before_any_folder(tmp_path, override, needle):
+    proc = cli([override], tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_image_folder_with_gif_and_grayscale(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=("ants", "bees", "wasps"), per_class=4)
+    Image.new("L", (50, 35), 90).save(root / "train" / "ants" / "gray.png")
+    Image.new("P", (45, 45), 3).save(root / "train" / "bees" / "anim.gif")
+    Image.new("RGBA", (45, 45), (9, 9, 9, 0)).save(root / "val" / "wasps" / "clear.png")
+    proc = cli([f"data.root={root}", "model.weights=null", "data.image_size=32", *TINY], tmp_path)
+    _ok(proc)
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert json.loads((run / "classes.json").read_text()) == ["ants", "bees", "wasps"]
+    summary = _summary(run)
+    assert summary["dataset"]["train_images"] == 14 and summary["dataset"]["val_images"] == 13
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_local_weights_file_with_a_different_head(tmp_path, fmt):
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=7)
+    path = tmp_path / f"seven_classes.{fmt}"
+    if fmt == "pt":
+        torch.save(source.state_dict(), path)
+    else:
+        save_file(source.state_dict(), str(path))
+    root = make_image_folder(tmp_path / "images")
+    proc = cli([f"data.root={root}", f"model.weights={path}", "data.image_size=32", "strategy=linear_probe", *TINY],
+               tmp_path)
+    _ok(proc)
+    assert "head initialised fresh" in proc.stdout
+    (run,) = run_dirs(tmp_path / "outputs")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert torch.equal(state["conv1.weight"], source.conv1.weight)  # backbone came from the file
+    assert state["fc.weight"].shape == (2, 512)  # head sized for the two classes
+
+
+def test_weights_file_of_another_architecture_names_the_keys(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    root = make_image_folder(tmp_path / "images")
+    proc = cli([f"data.root={root}", "model=resnet50", f"model.weights={path}", "data.image_size=32", *TINY], tmp_path)
+    assert proc.returncode == 1
+    assert "does not fit" in proc.stdout and "shape mismatch: conv1.weight" not in proc.stdout
+    assert "layer1.0.conv3.weight" in proc.stdout  # a resnet50 key the file lacks
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_failed_download_names_the_remedies(tmp_path):
+    """No silent fallback to random weights when the download fails (a closed proxy port
+    makes it fail on any machine)."""
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
+    proc = cli(["model.weights=DEFAULT", *SMALL_SYNTHETIC, *TINY], tmp_path, env=env)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "Could not download pretrained weights ResNet18_Weights" in out
+    for remedy in ("model.weights=/path/to/weights.pth", "model.weights=null", str(tmp_path / "torch")):
+        assert remedy in out
+    assert "Traceback" not in out
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert _summary(run)["status"] == "failed" and not (run / "checkpoints").exists()
+
+
+def test_plan_mode_and_unique_folders(tmp_path):
+    args = ["plan=true", "model.weights=null", *SMALL_SYNTHETIC, "strategy=freeze_early", "strategy.freeze_groups=2",
+            "hydra.run.dir=${unique_dir:outputs/same}"]
+    first, second = cli(args, tmp_path), cli(args, tmp_path)
+    _ok(first)
+    _ok(second)
+    assert (tmp_path / "outputs" / "same").is_dir() and (tmp_path / "outputs" / "same-2").is_dir()
+    for group in ("stem", "layer1", "layer2", "layer3", "layer4", "head"):
+        assert group in first.stdout
+    assert "Trainable: 11,024," in first.stdout  # stem and layer1 frozen
+    assert not (tmp_path / "outputs" / "same" / "checkpoints").exists()
+    assert _summary(tmp_path / "outputs" / "same")["status"] == "planned"
+
+
+def test_installed_wheel_ships_its_config(tmp_path):
+    """A non-editable install carries conf/ inside the package and runs from any directory."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
+         str(REPO)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    assert (target / "finetune_cli" / "conf" / "config.yaml").is_file()
+    assert (target / "finetune_cli" / "conf" / "strategy" / "linear_probe.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    where = subprocess.run([sys.executable, "-c", "import finetune_cli.paths as p; print(p.conf_dir())"],
+                           cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert where.stdout.strip() == str(target / "finetune_cli" / "conf"), where.stderr
+    proc = subprocess.run([sys.executable, "-m", "finetune_cli", "--help"], cwd=elsewhere, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "strategy: freeze_early, full, linear_probe" in proc.stdout
+
+
+def test_early_stopping_with_label_smoothing_and_clipping(tmp_path):
+    proc = cli(
+        ["model.weights=null", *SMALL_SYNTHETIC, "data.num_workers=0", "trainer.epochs=6", "optimizer.lr=1e-12",
+         "trainer.patience=1", "trainer.monitor=val_loss", "trainer.label_smoothing=0.1", "trainer.grad_clip=1.0",
+         "schedule=constant"],
+        tmp_path,
+    )
+    _ok(proc)
+    (run,) = run_dirs(tmp_path / "outputs")
+    summary = _summary(run)
+    # with a vanishing LR the validation loss cannot improve by more than rounding: stop after epoch 2
+    assert summary["stopped_early"] is True and summary["epochs_run"] == 2
+    assert "Early stopping" in proc.stdout
+    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
