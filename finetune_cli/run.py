@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import resource
@@ -27,11 +28,12 @@ from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.optim import Schedule, build_optimizer, group_lrs, param_groups
 from finetune_cli.paths import cache_dir
 from finetune_cli.pretrain import synthetic_weights
-from finetune_cli.strategies import apply_freezing, bn_frozen_for, has_batchnorm, trainable_mask
+from finetune_cli.strategies import apply_freezing, plan_rows, trainable_mask
 from finetune_cli.synthetic import SyntheticSpec, generate
 from finetune_cli.transforms import Preprocess, eval_transform, train_transform
 
 log = logging.getLogger("finetune_cli")
+CHECKPOINT_FORMAT = "finetune-cli/1"
 
 
 def seed_everything(seed: int) -> None:
@@ -121,20 +123,11 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
         cfg.optimizer, param_groups(built.groups, [lr] * len(names), cfg.optimizer.weight_decay)
     )
     trainable, total = count_params(model)
-    plan_rows = [
-        {
-            "group": g.name,
-            "params": g.num_params,
-            "status": "train" if on else "frozen",
-            "lr": f"{lr:.2e}" if on else "-",
-            "bn": ("-" if not has_batchnorm(g) else "eval" if bn_frozen_for(cfg.strategy.bn, on) else "train"),
-        }
-        for g, on in zip(built.groups, mask)
-    ]
+    rows = plan_rows(built.groups, mask, [lr] * len(names), cfg.strategy.bn)
     ui.show_plan(
         f"Plan: {cfg.model.name} ({built.weights}), strategy={cfg.strategy.name.value}, "
         f"{len(splits.classes)} classes, device={device.type}, precision={precision.name}",
-        plan_rows,
+        rows,
         trainable,
         total,
         built.notes + [f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images."],
@@ -155,7 +148,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
-        "groups": plan_rows,
+        "groups": rows,
         "output_dir": str(out_dir),
     }
     if cfg.plan:
@@ -175,6 +168,12 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
     tracker = MetricTracker(cfg.trainer.monitor, cfg.trainer.patience, cfg.trainer.min_delta)
     metrics = MetricsWriter(out_dir / "metrics.csv")
     checkpoints = Checkpointer(out_dir / "checkpoints")
+    identity = {  # what a checkpoint needs to be used on its own
+        "model_name": cfg.model.name,
+        "classes": splits.classes,
+        "preprocess": pre.to_dict(),
+        "config": resolved,
+    }
     train_images = 0
     train_seconds = 0.0
 
@@ -207,18 +206,15 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
         metrics.append(row)
         checkpoints.save(
             {
-                "format": "finetune-cli/1",
+                "format": CHECKPOINT_FORMAT,
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "tracker": tracker.state_dict(),
-                "model_name": cfg.model.name,
-                "classes": splits.classes,
-                "preprocess": pre.to_dict(),
                 "metrics": row,
-                "config": resolved,
+                **identity,
             },
             best=improved,
         )
@@ -254,8 +250,6 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
 
 def mark_failed(out_dir: Path, error: BaseException) -> None:
     """Record a failure in summary.json, keeping whatever the run already wrote."""
-    import json
-
     path = out_dir / "summary.json"
     summary: Dict[str, Any] = {}
     if path.is_file():

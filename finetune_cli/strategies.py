@@ -62,3 +62,25 @@ def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: 
 
 def has_batchnorm(group: LayerGroup) -> bool:
     return any(isinstance(s, _BatchNorm) for m in group.modules for s in m.modules())
+
+
+def plan_rows(
+    groups: Sequence[LayerGroup], mask: Sequence[bool], lrs: Sequence[float], bn_mode: BNMode
+) -> List[dict]:
+    """One row per layer group for the plan table and summary.json."""
+    rows = []
+    for group, on, lr in zip(groups, mask, lrs):
+        if not has_batchnorm(group):
+            bn = "-"
+        else:
+            bn = "eval" if bn_frozen_for(bn_mode, on) else "train"
+        rows.append(
+            {
+                "group": group.name,
+                "params": group.num_params,
+                "status": "train" if on else "frozen",
+                "lr": f"{lr:.2e}" if on else "-",
+                "bn": bn,
+            }
+        )
+    return rows

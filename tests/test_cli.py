@@ -213,6 +213,8 @@ def test_installed_wheel_ships_its_config(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     assert (target / "finetune_cli" / "conf" / "config.yaml").is_file()
+    (entry_points,) = target.glob("finetune_cli-*.dist-info/entry_points.txt")
+    assert "finetune-cli = finetune_cli.cli:main" in entry_points.read_text()
     assert (target / "finetune_cli" / "conf" / "strategy" / "linear_probe.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

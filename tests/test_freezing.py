@@ -114,3 +114,13 @@ def test_param_groups_no_decay_on_norm_and_bias_and_every_group_present():
             assert (group["weight_decay"] == 0.0) == is_norm_or_bias, name
     counted = sum(len(g["params"]) for g in optimizer.param_groups)
     assert counted == len(list(built.model.parameters()))
+
+
+def test_no_autograd_work_through_the_frozen_prefix():
+    built, _, _ = _setup(StrategyName.linear_probe)
+    seen = {}
+    built.model.fc.register_forward_hook(lambda m, inp, out: seen.update(features=inp[0], logits=out))
+    built.model.train()
+    built.model(torch.randn(4, 3, 32, 32))
+    assert not seen["features"].requires_grad and seen["features"].grad_fn is None  # no graph below the head
+    assert seen["logits"].requires_grad
