@@ -17,7 +17,8 @@ log = logging.getLogger("finetune_cli")
 
 
 def interactive() -> bool:
-    return sys.stderr.isatty()
+    """Progress bars only when a person watches: stdout and stderr are both terminals."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _render(table: Table) -> str:

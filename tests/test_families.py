@@ -115,3 +115,19 @@ def test_too_small_input_is_a_clear_error():
         create_model("inception_v3", WeightsChoice("none"), 3, image_size=32)
     with pytest.raises(FinetuneError, match="multiple of 16"):
         create_model("vit_b_16", WeightsChoice("none"), 3, image_size=40)
+
+
+def test_vit_pretrained_at_one_size_is_resized_for_another():
+    from finetune_cli.models.factory import _resize_vit
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("vit_b_16", weights=None, image_size=64, num_classes=4)
+    resized = _resize_vit(model, "vit_b_16", 32)
+    assert resized.image_size == 32
+    assert resized.encoder.pos_embedding.shape == (1, 1 + 2 * 2, 768)
+    # everything but the positional embedding carries over unchanged
+    assert torch.equal(resized.conv_proj.weight, model.conv_proj.weight)
+    assert torch.equal(resized.encoder.pos_embedding[:, 0], model.encoder.pos_embedding[:, 0])  # class token slot
+    resized.eval()
+    assert resized(torch.randn(1, 3, 32, 32)).shape == (1, 4)
