@@ -45,6 +45,9 @@ class MetricTracker:
     def state_dict(self) -> Dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
 
 class MetricsWriter:
     """metrics.csv, one row per epoch, rewritten atomically after each epoch."""
@@ -69,3 +72,6 @@ class Checkpointer:
         atomic_torch_save(state, self.folder / "last.pt")
         if best:
             atomic_torch_save(state, self.folder / "best.pt")
+
+    def save_as(self, state: Dict[str, Any], name: str) -> None:
+        atomic_torch_save(state, self.folder / name)

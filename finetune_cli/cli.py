@@ -78,7 +78,12 @@ def main(cfg: DictConfig) -> Optional[float]:
     overrides = " ".join(hc.overrides.task) or "(none)"
     log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
     try:
-        summary = run(typed_config(cfg), out_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        summary = run(
+            typed_config(cfg),
+            out_dir,
+            OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            label=hc.runtime.choices.get("strategy"),
+        )
     except FinetuneError as exc:
         log.error(str(exc))
         mark_failed(out_dir, exc)

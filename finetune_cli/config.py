@@ -15,9 +15,24 @@ from hydra.core.config_store import ConfigStore
 
 
 class StrategyName(str, Enum):
-    linear_probe = "linear_probe"
-    freeze_early = "freeze_early"
-    full = "full"
+    linear_probe = "linear_probe"  # the head only
+    freeze_early = "freeze_early"  # all but the first `freeze_groups` groups
+    partial = "partial"  # the last `train_groups` groups and the head
+    full = "full"  # everything
+    progressive = "progressive"  # head first, then one more group at a time, top down
+    staged = "staged"  # a list of stages, each with its own trainable groups and LR multiplier
+    auto = "auto"  # chosen from the number of training images per class
+
+
+class Trigger(str, Enum):
+    epochs = "epochs"  # unfreeze every `strategy.every` epochs
+    plateau = "plateau"  # unfreeze when the monitored metric stops improving
+
+
+class RegularizerName(str, Enum):
+    none = "none"
+    l2sp = "l2sp"  # pull weights towards their pretrained values
+    ewc = "ewc"  # the same, weighted by a diagonal Fisher estimate
 
 
 class BNMode(str, Enum):
@@ -107,11 +122,45 @@ class DataConfig:
 
 
 @dataclass
+class StageConfig:
+    epochs: int = 1
+    train_groups: int = -1  # groups below the head that train in this stage; -1 = all
+    lr_mult: float = 1.0  # multiplies every group's LR during this stage
+    patience: Optional[int] = None  # early stopping within the stage (best weights restored)
+
+
+@dataclass
 class StrategyConfig:
     name: StrategyName = StrategyName.linear_probe
     freeze_groups: int = 3  # freeze_early: how many groups, from the input side, stay frozen
+    train_groups: int = 2  # partial: how many groups below the head train
     lr_scale: float = 1.0  # multiplies optimizer.lr for this strategy (full fine-tuning: low LR)
     bn: BNMode = BNMode.frozen_eval
+    # discriminative LRs (any strategy): optimizer.lr x lr_scale is the head's LR; each group
+    # below gets the LR of the group above divided by lr_decay; or an explicit list
+    lr_decay: float = 1.0
+    group_lrs: Optional[List[float]] = None  # one LR per group, stem first, head last
+    # progressive
+    every: int = 1  # trigger=epochs: unfreeze one more group every N epochs
+    trigger: Trigger = Trigger.epochs
+    plateau_patience: int = 1  # trigger=plateau: epochs without improvement before unfreezing
+    until: int = -1  # stop once this many groups below the head train; -1 = all
+    rewarmup_epochs: float = 0.0  # after each unfreeze, ramp the LR up again over N epochs
+    # staged
+    stages: List[StageConfig] = field(default_factory=list)
+    # auto: images per class below `auto_small` -> linear probe; below `auto_large` ->
+    # freeze the early half of the groups; else full fine-tuning with discriminative LRs
+    auto_small: int = 100
+    auto_large: int = 1000
+    auto_lr_decay: float = 2.6
+
+
+@dataclass
+class RegularizerConfig:
+    name: RegularizerName = RegularizerName.none
+    strength: float = 0.01  # alpha (l2sp) or lambda (ewc)
+    fisher_root: Optional[str] = None  # ewc: images of the source task (DIR/<class>/*); default: target train data
+    fisher_samples: int = 256  # ewc: images used for the Fisher estimate
 
 
 @dataclass
@@ -148,6 +197,8 @@ class AugmentConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 10
+    resume: Optional[str] = None  # a checkpoint to continue from
+    save_every: int = 0  # also keep checkpoints/epoch_NNN.pt every N epochs; 0 = only last/best
     device: Device = Device.auto
     seed: int = 42
     amp: Amp = Amp.auto
@@ -167,6 +218,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     plan: bool = False  # print the plan and exit without training
     cache_dir: Optional[str] = None  # synthetic data and weights; default $FINETUNE_CLI_CACHE
 

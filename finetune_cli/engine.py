@@ -70,6 +70,7 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     grad_clip: Optional[float] = None,
     aux_weight: float = 0.0,
+    penalty: Optional[Callable[[], torch.Tensor]] = None,
     progress: bool = False,
     desc: str = "train",
 ) -> EpochResult:
@@ -89,6 +90,8 @@ def train_one_epoch(
             loss = criterion(logits, targets)
             for a in aux:
                 loss = loss + aux_weight * criterion(a, targets)
+            if penalty is not None:
+                loss = loss + penalty()
         if not torch.isfinite(loss):
             raise FinetuneError(
                 f"The training loss became {loss.item()} at step {step} of {desc}. Lower "

@@ -15,6 +15,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from finetune_cli.config import Monitor, OptimizerConfig, OptimizerName, ScheduleConfig, ScheduleName
+from finetune_cli.errors import FinetuneError
 from finetune_cli.models.groups import LayerGroup
 
 # parameters that take no weight decay besides biases and norm weights (ndim <= 1)
@@ -23,6 +24,25 @@ NO_DECAY_SUFFIXES = ("pos_embedding", "class_token", "relative_position_bias_tab
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
+
+
+def layerwise_lrs(
+    head_lr: float, n_groups: int, lr_decay: float = 1.0, explicit: Optional[Sequence[float]] = None
+) -> List[float]:
+    """Discriminative LRs, stem first: the head at ``head_lr``, each group below at the LR of the
+    group above divided by ``lr_decay``; or an explicit list of one LR per group."""
+    if explicit:
+        if len(explicit) != n_groups:
+            raise FinetuneError(
+                f"strategy.group_lrs has {len(explicit)} values, but this model has {n_groups} layer "
+                "groups (stem first, head last): give one LR per group, or use strategy.lr_decay."
+            )
+        if any(not lr > 0 for lr in explicit):
+            raise FinetuneError(f"strategy.group_lrs must all be greater than 0 (got {list(explicit)}).")
+        return [float(lr) for lr in explicit]
+    if not lr_decay > 0:
+        raise FinetuneError(f"strategy.lr_decay must be greater than 0 (got {lr_decay}).")
+    return [head_lr / lr_decay ** (n_groups - 1 - i) for i in range(n_groups)]
 
 
 def param_groups(
@@ -65,7 +85,12 @@ class _Cosine:
 
 
 class Schedule:
-    """One LR schedule, stepped after every batch (and once per epoch for plateau)."""
+    """One LR schedule, stepped after every batch (and once per epoch for plateau).
+
+    On top of the schedule sits a *gate*: a factor on every group's LR (a stage's multiplier
+    times an optional re-warmup ramp). The gate is taken off before each scheduler step and put
+    back after it, so closed-form and chainable schedulers alike see only their own values.
+    """
 
     def __init__(
         self,
@@ -116,23 +141,69 @@ class Schedule:
             )
         elif not self.plateau:
             self.per_batch = main
+        self.optimizer = optimizer
+        self.mult = 1.0
+        self.ramp_start = cfg.warmup_start_factor
+        self.ramp_steps = 0
+        self.ramp_pos = 0
+        self._gate()
+
+    # -- the gate -----------------------------------------------------------------------------
+
+    @property
+    def factor(self) -> float:
+        if self.ramp_pos >= self.ramp_steps:
+            return self.mult
+        return self.mult * (self.ramp_start + (1 - self.ramp_start) * self.ramp_pos / self.ramp_steps)
+
+    def _ungate(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = g.get("scheduled_lr", g["lr"])
+
+    def _gate(self) -> None:
+        f = self.factor
+        for g in self.optimizer.param_groups:
+            g["scheduled_lr"] = g["lr"]
+            g["lr"] = g["lr"] * f
+
+    def set_multiplier(self, mult: float) -> None:
+        self._ungate()
+        self.mult = mult
+        self._gate()
+
+    def rewarmup(self, steps: int) -> None:
+        """Ramp every LR up again from the warmup start factor over ``steps`` batches."""
+        self._ungate()
+        self.ramp_steps, self.ramp_pos = max(0, steps), 0
+        self._gate()
 
     def step_batch(self) -> None:
+        self._ungate()
         if self.per_batch is not None:
             self.per_batch.step()
+        if self.ramp_pos < self.ramp_steps:
+            self.ramp_pos += 1
+        self._gate()
 
     def step_epoch(self, metric: float) -> None:
         if self.plateau is not None:
+            self._ungate()
             self.plateau.step(metric)
+            self._gate()
 
     def state_dict(self) -> Dict[str, Any]:
         return {
             "per_batch": self.per_batch.state_dict() if self.per_batch is not None else None,
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "gate": {"mult": self.mult, "ramp_steps": self.ramp_steps, "ramp_pos": self.ramp_pos},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore after the optimizer's own state (whose groups hold the gated LRs)."""
         if self.per_batch is not None and state.get("per_batch"):
             self.per_batch.load_state_dict(state["per_batch"])
         if self.plateau is not None and state.get("plateau"):
             self.plateau.load_state_dict(state["plateau"])
+        gate = state.get("gate") or {}
+        self.mult = gate.get("mult", 1.0)
+        self.ramp_steps, self.ramp_pos = gate.get("ramp_steps", 0), gate.get("ramp_pos", 0)

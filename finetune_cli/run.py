@@ -7,8 +7,9 @@ import logging
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -17,18 +18,19 @@ from torch import nn
 from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
 from finetune_cli.checks import check
-from finetune_cli.config import Amp, Config, DataSource, Device
+from finetune_cli.config import Amp, Config, DataSource, Device, Monitor, RegularizerName
 from finetune_cli.data import Splits, image_folder_splits, make_loader, resolve_workers
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
-from finetune_cli.models import HeadSpec, count_params, create_model, resolve_weights
-from finetune_cli.models.factory import preprocess_for
+from finetune_cli.models import BuiltModel, HeadSpec, count_params, create_model, resolve_weights
+from finetune_cli.models.factory import head_prefixes, preprocess_for
 from finetune_cli.models.weights import WeightsChoice
-from finetune_cli.optim import Schedule, build_optimizer, group_lrs, param_groups
+from finetune_cli.optim import Schedule, build_optimizer, group_lrs, layerwise_lrs, param_groups
 from finetune_cli.paths import cache_dir
 from finetune_cli.pretrain import synthetic_weights
-from finetune_cli.strategies import apply_freezing, plan_rows, trainable_mask
+from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
+from finetune_cli.strategies import Controller, apply_freezing, plan_rows
 from finetune_cli.synthetic import SyntheticSpec, generate
 from finetune_cli.transforms import Preprocess, eval_transform, train_transform
 
@@ -40,6 +42,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state(loader_generator: torch.Generator) -> Dict[str, Any]:
+    """Every random stream a run draws from, in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+        "loader": loader_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pick_device(choice: Device) -> torch.device:
@@ -83,17 +109,45 @@ def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
     )
 
 
-def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
-    started = time.perf_counter()
-    check(cfg)
-    seed_everything(cfg.trainer.seed)
+def load_resume(spec: str, model_name: str, classes: List[str]) -> Dict[str, Any]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise FinetuneError(
+            f"trainer.resume={spec}: no checkpoint there. Give a checkpoint file or a run folder "
+            "holding checkpoints/last.pt."
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(f"{path} is not a finetune-cli checkpoint; use model.weights={path} to start from its weights.")
+    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
+        raise FinetuneError(
+            f"{path} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run has "
+            f"{model_name} with classes {classes[:5]}...: resume with the run's own model and data."
+        )
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    precision: Precision
+    workers: int
+    progress: bool
+    splits: Splits
+    built: BuiltModel
+    pre: Preprocess
+
+
+def prepare(cfg: Config) -> Setup:
+    """Weights and preprocessing, then data, then the model sized for its classes."""
     device = pick_device(cfg.trainer.device)
     precision = pick_precision(cfg.trainer.amp, device)
     workers = resolve_workers(cfg.data.num_workers)
     cache = cache_dir(cfg.cache_dir)
     progress = ui.interactive()
-
-    # weights and preprocessing, then data, then the model for its number of classes
     if cfg.model.weights == "synthetic":
         size = cfg.data.image_size or preprocess_for(cfg.model.name, WeightsChoice("none"), None).crop_size
         path = synthetic_weights(cfg.model.name, size, cache, device, precision, workers, progress)
@@ -111,32 +165,77 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
         image_size=cfg.data.image_size,
         progress=progress,
     )
-    model = built.model.to(device)
+    built.model.to(device)
+    return Setup(device, precision, workers, progress, splits, built, pre)
+
+
+def build_regularizer(cfg: Config, s: Setup) -> Optional[AnchorPenalty]:
+    reg = cfg.regularizer
+    if reg.name == RegularizerName.none:
+        return None
+    heads = head_prefixes(s.built.family)
+    backbone = [
+        (n, p) for g in s.built.groups[:-1] for n, p in g.params if not any(n.startswith(h) for h in heads)
+    ]
+    if reg.name == RegularizerName.l2sp:
+        return AnchorPenalty(backbone, reg.strength)
+    if reg.fisher_root:
+        source = image_folder_splits(Path(reg.fisher_root), eval_transform(s.pre), eval_transform(s.pre),
+                                     val_fraction=0.5, seed=0)
+        data = source.train
+        where = f"source images in {reg.fisher_root}"
+    else:
+        data = s.splits.train
+        where = "the target training images"
+    loader = make_loader(data, batch_size=32, num_workers=s.workers, train=False, seed=0)
+    started = time.perf_counter()
+    fisher = estimate_fisher(s.built.model, backbone, (x for x, _ in loader), s.device, reg.fisher_samples)
+    log.info(f"EWC: diagonal Fisher from {min(reg.fisher_samples, len(data))} of {where} "
+             f"in {time.perf_counter() - started:.1f}s (mean {torch.cat([f.flatten() for f in fisher]).mean():.3e})")
+    return AnchorPenalty(backbone, reg.strength, fisher)
+
+
+def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[str] = None) -> Dict[str, Any]:
+    started = time.perf_counter()
+    check(cfg)
+    seed_everything(cfg.trainer.seed)
+    s = prepare(cfg)
+    model, groups, splits = s.built.model, s.built.groups, s.splits
     atomic_json(splits.classes, out_dir / "classes.json")
 
-    # strategy: what trains, and at which LR
-    names = [g.name for g in built.groups]
-    mask = trainable_mask(cfg.strategy.name, names, cfg.strategy.freeze_groups)
-    apply_freezing(built.groups, mask, cfg.strategy.bn)
-    lr = cfg.optimizer.lr * cfg.strategy.lr_scale
-    optimizer = build_optimizer(
-        cfg.optimizer, param_groups(built.groups, [lr] * len(names), cfg.optimizer.weight_decay)
-    )
+    # strategy: which groups train when, and at which LR
+    names = [g.name for g in groups]
+    maximize = cfg.trainer.monitor == Monitor.val_acc
+    controller = Controller(cfg.strategy, names, epochs=cfg.trainer.epochs,
+                            images_per_class=splits.images_per_class, maximize=maximize)
+    lrs = layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(groups), controller.lr_decay,
+                        cfg.strategy.group_lrs)
+    apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay))
+    penalty = build_regularizer(cfg, s)
     trainable, total = count_params(model)
-    rows = plan_rows(built.groups, mask, [lr] * len(names), cfg.strategy.bn)
+    rows = plan_rows(groups, controller, [lr * controller.lr_mult for lr in lrs], cfg.strategy.bn)
+    notes = list(s.built.notes)
+    if controller.decision:
+        notes.insert(0, f"auto strategy: {controller.decision['reason']} -> {controller.decision['chose']}")
+    notes += [f"Timeline: {step}" for step in controller.timeline()]
+    notes.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
+    if cfg.regularizer.name != RegularizerName.none:
+        notes.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
     ui.show_plan(
-        f"Plan: {cfg.model.name} ({built.weights}), strategy={cfg.strategy.name.value}, "
-        f"{len(splits.classes)} classes, device={device.type}, precision={precision.name}",
-        rows,
-        trainable,
-        total,
-        built.notes + [f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images."],
+        f"Plan: {cfg.model.name} ({s.built.weights}), strategy={label or controller.kind.value}, "
+        f"{len(splits.classes)} classes, {controller.epochs} epochs, device={s.device.type}, precision={s.precision.name}",
+        rows, trainable, total, notes,
     )
     summary: Dict[str, Any] = {
         "status": "planned" if cfg.plan else "running",
         "model": cfg.model.name,
-        "weights": built.weights,
-        "strategy": cfg.strategy.name.value,
+        "weights": s.built.weights,
+        "strategy": label or cfg.strategy.name.value,
+        "strategy_kind": controller.kind.value,
+        "auto": controller.decision,
+        "timeline": controller.timeline(),
+        "regularizer": cfg.regularizer.name.value,
         "dataset": {
             "name": cfg.data.source.value,
             "root": str(splits.root),
@@ -144,26 +243,24 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
             "train_images": len(splits.train),
             "val_images": len(splits.val),
         },
-        "device": device.type,
+        "device": s.device.type,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
         "groups": rows,
+        "events": [],
         "output_dir": str(out_dir),
     }
     if cfg.plan:
         atomic_json(summary, out_dir / "summary.json")
         return summary
 
-    setup_seconds = time.perf_counter() - started
-    pin = device.type == "cuda"
-    bs = cfg.data.batch_size
-    train_loader = make_loader(splits.train, batch_size=bs, num_workers=workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
-    val_loader = make_loader(splits.val, batch_size=bs, num_workers=workers, train=False, seed=cfg.trainer.seed, pin_memory=pin)
-    schedule = Schedule(
-        cfg.schedule, optimizer, epochs=cfg.trainer.epochs, steps_per_epoch=len(train_loader), monitor=cfg.trainer.monitor
-    )
-    scaler = precision.scaler(device)
+    bs, pin = cfg.data.batch_size, s.device.type == "cuda"
+    train_loader = make_loader(splits.train, batch_size=bs, num_workers=s.workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
+    val_loader = make_loader(splits.val, batch_size=bs, num_workers=s.workers, train=False, seed=cfg.trainer.seed, pin_memory=pin)
+    schedule = Schedule(cfg.schedule, optimizer, epochs=controller.epochs, steps_per_epoch=len(train_loader),
+                        monitor=cfg.trainer.monitor)
+    scaler = s.precision.scaler(s.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     tracker = MetricTracker(cfg.trainer.monitor, cfg.trainer.patience, cfg.trainer.min_delta)
     metrics = MetricsWriter(out_dir / "metrics.csv")
@@ -171,24 +268,58 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
     identity = {  # what a checkpoint needs to be used on its own
         "model_name": cfg.model.name,
         "classes": splits.classes,
-        "preprocess": pre.to_dict(),
+        "preprocess": s.pre.to_dict(),
         "config": resolved,
     }
-    train_images = 0
-    train_seconds = 0.0
+    rewarmup_steps = int(round(cfg.strategy.rewarmup_epochs * len(train_loader)))
+    start = 1
+    if cfg.trainer.resume:
+        ckpt = load_resume(cfg.trainer.resume, cfg.model.name, splits.classes)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        tracker.load_state_dict(ckpt["tracker"])
+        controller.load_state_dict(ckpt["strategy"])
+        apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+        for row in ckpt.get("history", []):
+            metrics.append(row)
+        summary["events"] = ckpt.get("events", [])
+        summary["resumed_from"] = ckpt["path"]
+        set_rng_state(ckpt["rng"], train_loader.generator)
+        start = ckpt["epoch"] + 1
+        log.info(f"Resumed from {ckpt['path']} after epoch {ckpt['epoch']}: {controller.describe_k(controller.k)} train.")
+    setup_seconds = time.perf_counter() - started
+    train_images, train_seconds = 0, 0.0
 
-    for epoch in range(1, cfg.trainer.epochs + 1):
-        lrs = group_lrs(optimizer)  # the LRs this epoch starts with
+    for epoch in range(start, controller.epochs + 1):
+        events = controller.begin_epoch(epoch)
+        if events:
+            apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+            if rewarmup_steps:
+                schedule.rewarmup(rewarmup_steps)
+        schedule.set_multiplier(controller.lr_mult)
+        lrs_now = group_lrs(optimizer)  # the LRs this epoch starts with
+        trainable_now = count_params(model)[0]
+        for event in events:
+            log.info(f"epoch {epoch}: {event}")
         tr = train_one_epoch(
-            model, train_loader, optimizer, criterion, device,
-            step_schedule=schedule.step_batch, precision=precision, scaler=scaler,
-            grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight,
-            progress=progress, desc=f"epoch {epoch}/{cfg.trainer.epochs}",
+            model, train_loader, optimizer, criterion, s.device,
+            step_schedule=schedule.step_batch, precision=s.precision, scaler=scaler,
+            grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty,
+            progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
         )
-        va = evaluate(model, val_loader, criterion, device, precision=precision, progress=progress)
-        monitored = va.acc if cfg.trainer.monitor.value == "val_acc" else va.loss
+        va = evaluate(model, val_loader, criterion, s.device, precision=s.precision, progress=s.progress)
+        monitored = va.acc if maximize else va.loss
         schedule.step_epoch(monitored)
         improved = tracker.update(monitored, epoch)
+        after = controller.end_epoch(epoch, monitored, model)
+        if after:
+            apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+            schedule.set_multiplier(controller.lr_mult)
+            if rewarmup_steps and any(e.startswith(("unfroze", "stage")) for e in after):
+                schedule.rewarmup(rewarmup_steps)
         train_images += tr.images
         train_seconds += tr.seconds
         row: Dict[str, Any] = {
@@ -197,33 +328,43 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
             "train_acc": tr.acc,
             "val_loss": va.loss,
             "val_acc": va.acc,
-            "lr": lrs[names[-1]],
-            **{f"lr_{name}": value for name, value in lrs.items()},
+            "lr": lrs_now[names[-1]],
+            **{f"lr_{name}": lrs_now[name] for name in names},
             "epoch_seconds": tr.seconds + va.seconds,
             "train_images_per_s": tr.images_per_s,
-            "trainable_params": trainable,
+            "trainable_params": trainable_now,
+            "trainable_groups": controller.k,
+            "events": "; ".join(events + after),
         }
         metrics.append(row)
-        checkpoints.save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "tracker": tracker.state_dict(),
-                "metrics": row,
-                **identity,
-            },
-            best=improved,
-        )
-        ui.show_epoch(row, cfg.trainer.epochs, improved)
-        mem, mem_kind = peak_memory(device)
+        summary["events"] += [{"epoch": epoch, "event": e} for e in events + after]
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "tracker": tracker.state_dict(),
+            "strategy": controller.state_dict(),
+            "rng": rng_state(train_loader.generator),
+            "metrics": row,
+            "history": metrics.rows,
+            "events": summary["events"],
+            **identity,
+        }
+        checkpoints.save(state, best=improved)
+        if cfg.trainer.save_every and epoch % cfg.trainer.save_every == 0:
+            checkpoints.save_as(state, f"epoch_{epoch:03d}.pt")
+        ui.show_epoch(row, controller.epochs, improved)
+        for event in after:
+            log.info(f"after epoch {epoch}: {event}")
+        mem, mem_kind = peak_memory(s.device)
         summary.update(
             {
                 "best": {"monitor": cfg.trainer.monitor.value, "value": tracker.best, "epoch": tracker.best_epoch},
                 "epochs_run": epoch,
+                "trainable_params_final": trainable_now,
                 "total_seconds": time.perf_counter() - started,
                 "setup_seconds": setup_seconds,
                 "train_seconds": train_seconds,
@@ -240,7 +381,15 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any]) -> Dict[str, Any]:
             )
             summary["stopped_early"] = True
             break
+        if controller.finished:
+            summary["stopped_early"] = True
+            break
 
+    if "best" not in summary:
+        raise FinetuneError(
+            f"Nothing to train: the checkpoint is from epoch {start - 1} of {controller.epochs}. "
+            "Raise trainer.epochs to train further."
+        )
     summary["status"] = "completed"
     summary["total_seconds"] = time.perf_counter() - started
     atomic_json(summary, out_dir / "summary.json")
@@ -259,6 +408,3 @@ def mark_failed(out_dir: Path, error: BaseException) -> None:
             summary = {}
     summary.update({"status": "failed", "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
     atomic_json(summary, path)
-
-
-__all__: List[str] = ["run", "mark_failed"]

@@ -13,7 +13,7 @@ from finetune_cli.cli import unique_dir  # noqa: F401  (registers the resolver a
 from finetune_cli.config import Config, StrategyName
 from finetune_cli.paths import conf_dir
 
-GROUPS = ["model", "strategy", "optimizer", "schedule", "augment", "data", "trainer", "experiment"]
+GROUPS = ["model", "strategy", "optimizer", "schedule", "augment", "data", "trainer", "regularizer", "experiment"]
 
 
 def _compose(overrides=()):
