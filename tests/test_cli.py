@@ -225,7 +225,7 @@ def test_installed_wheel_ships_its_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune_cli", "--help"], cwd=elsewhere, capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "strategy: auto, discriminative, freeze_early, full, linear_probe, partial, progressive" in proc.stdout
+    assert "strategy: auto, discriminative, freeze_early, full, linear_probe, partial, progressive, staged, two_phase, ulmfit" in proc.stdout
 
 
 def test_early_stopping_with_label_smoothing_and_clipping(tmp_path):
@@ -242,3 +242,76 @@ def test_early_stopping_with_label_smoothing_and_clipping(tmp_path):
     assert summary["stopped_early"] is True and summary["epochs_run"] == 2
     assert "Early stopping" in proc.stdout
     assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=progressive", "strategy.every=1", "strategy.rewarmup_epochs=0.5", "strategy.lr_decay=2.6"],
+        ["strategy=staged", "strategy.stages=[{epochs:2,train_groups:1},{epochs:2,train_groups:-1,lr_mult:0.1}]"],
+    ],
+    ids=["progressive", "staged"],
+)
+def test_checkpoint_from_a_middle_phase_continues_that_phase_exactly(tmp_path, strategy):
+    """All optimizer groups exist from the start, so a checkpoint taken in phase 2 loads into a
+    fresh run, which continues phase 2 and ends bit-identical to the uninterrupted run."""
+    common = ["model.weights=synthetic", *SMALL_SYNTHETIC, "data.num_workers=0", "trainer.epochs=4", *strategy]
+    _ok(cli([*common, "trainer.save_every=1", "hydra.run.dir=outputs/straight"], tmp_path))
+    straight = tmp_path / "outputs" / "straight"
+    middle = straight / "checkpoints" / "epoch_002.pt"
+    proc = cli([*common, f"trainer.resume={middle}", "hydra.run.dir=outputs/resumed"], tmp_path)
+    _ok(proc)
+    assert "Resumed from" in proc.stdout
+    resumed = tmp_path / "outputs" / "resumed"
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ after resume"
+    rows_a = list(csv.DictReader((straight / "metrics.csv").open()))
+    rows_b = list(csv.DictReader((resumed / "metrics.csv").open()))
+    for col in ("train_loss", "val_loss", "val_acc", "lr_head", "lr_stem", "trainable_params", "events"):
+        assert [r[col] for r in rows_a] == [r[col] for r in rows_b], col
+    # phase 2 really differs from phase 1: more parameters train after the checkpoint
+    assert int(rows_a[3]["trainable_params"]) > int(rows_a[0]["trainable_params"])
+
+
+@pytest.mark.parametrize(
+    "model, size, strategy",
+    [
+        ("vgg16", 32, "progressive"),
+        ("vit_b_16", 32, "ulmfit"),
+        ("inception_v3", 75, "two_phase"),
+        ("efficientnet_b0", 32, "discriminative"),
+    ],
+)
+def test_plan_for_any_model_and_strategy(tmp_path, model, size, strategy):
+    proc = cli([f"model={model}", "model.weights=null", f"strategy={strategy}", f"data.image_size={size}", "plan=true",
+                *SMALL_SYNTHETIC, "hydra.run.dir=outputs/plan"], tmp_path)
+    _ok(proc)
+    summary = _summary(tmp_path / "outputs" / "plan")
+    assert summary["status"] == "planned" and summary["strategy"] == strategy
+    rows = summary["groups"]
+    assert rows[-1]["group"] == "head" and rows[-1]["status"] == "train"
+    for row in rows:
+        assert row["group"] in proc.stdout
+    assert sum(r["params"] for r in rows) == summary["total_params"]
+    if strategy in ("progressive", "ulmfit"):
+        assert any(r["status"].startswith("from epoch") for r in rows)
+        assert "Timeline: epoch 2: +" in proc.stdout
+    if strategy in ("ulmfit", "discriminative"):
+        lrs = [float(r["lr"]) for r in rows]
+        assert lrs == sorted(lrs) and lrs[-2] == pytest.approx(lrs[-1] / 2.6, rel=0.01)
+    if strategy == "two_phase":
+        assert "Timeline: stage 2 (epochs 4-10): all groups, lr x0.1" in proc.stdout
+    assert not (tmp_path / "outputs" / "plan" / "checkpoints").exists()
+
+
+def test_auto_strategy_reports_its_decision(tmp_path):
+    proc = cli(["strategy=auto", "model.weights=null", *SMALL_SYNTHETIC, "strategy.auto_small=10",
+                "strategy.auto_large=15", "plan=true", "hydra.run.dir=outputs/auto"], tmp_path)
+    _ok(proc)
+    auto = _summary(tmp_path / "outputs" / "auto")["auto"]
+    # the synthetic data has a val/ folder, so all 20 images per class are training images
+    assert auto["images_per_class"] == 20.0 and auto["chose"] == "full"
+    assert "auto strategy: 20.0 training images per class >= auto_large=15" in proc.stdout
