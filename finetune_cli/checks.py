@@ -87,6 +87,17 @@ def problems(cfg: Config) -> List[str]:
     for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
         if not 0 <= value < 1:
             found.append(f"{key} must be in [0, 1) (got {value}).")
+    st, reg = cfg.strategy, cfg.regularizer
+    if st.auto_small > st.auto_large:
+        found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")
+    if st.rewarmup_epochs < 0 or st.plateau_patience < 0:
+        found.append("strategy.rewarmup_epochs and strategy.plateau_patience must be 0 or more.")
+    if reg.strength < 0:
+        found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
+    if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
+        found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")
+    if cfg.trainer.resume and not Path(cfg.trainer.resume).expanduser().exists():
+        found.append(f"trainer.resume={cfg.trainer.resume} does not exist: give a checkpoint file or a run folder.")
     if cfg.strategy.freeze_groups < 0:
         found.append(f"strategy.freeze_groups must be 0 or more (got {cfg.strategy.freeze_groups}).")
     if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():

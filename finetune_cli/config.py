@@ -132,8 +132,8 @@ class StageConfig:
 @dataclass
 class StrategyConfig:
     name: StrategyName = StrategyName.linear_probe
-    freeze_groups: int = 3  # freeze_early: how many groups, from the input side, stay frozen
-    train_groups: int = 2  # partial: how many groups below the head train
+    freeze_groups: int = 2  # freeze_early: how many groups, from the input side, stay frozen
+    train_groups: int = 1  # partial: how many groups below the head train
     lr_scale: float = 1.0  # multiplies optimizer.lr for this strategy (full fine-tuning: low LR)
     bn: BNMode = BNMode.frozen_eval
     # discriminative LRs (any strategy): optimizer.lr x lr_scale is the head's LR; each group

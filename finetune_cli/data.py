@@ -54,7 +54,8 @@ class Splits:
         return len(self.train) / max(1, len(self.classes))
 
 
-def _folder(root: Path, transform: Callable) -> ImageFolder:
+def image_folder(root: Path, transform: Callable) -> ImageFolder:
+    """``root/<class>/*`` images, read as RGB."""
     try:
         return ImageFolder(str(root), transform=transform, loader=load_rgb, is_valid_file=is_image)
     except FileNotFoundError as exc:
@@ -106,11 +107,11 @@ def image_folder_splits(
             f"{root} has no train/ folder. Expected {root}/train/<class>/* and optionally "
             f"{root}/val/<class>/*."
         )
-    train_full = _folder(train_dir, train_tf)
+    train_full = image_folder(train_dir, train_tf)
     classes = list(train_full.classes)
     val_dir = root / "val"
     if val_dir.is_dir():
-        val = _folder(val_dir, val_tf)
+        val = image_folder(val_dir, val_tf)
         if list(val.classes) != classes:
             only_train = sorted(set(classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(classes))
@@ -128,7 +129,7 @@ def image_folder_splits(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
             "more images per class."
         )
-    val_full = _folder(train_dir, val_tf)
+    val_full = image_folder(train_dir, val_tf)
     return Splits(
         Subset(train_full, train_idx),
         Subset(val_full, val_idx),

@@ -19,7 +19,7 @@ from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
 from finetune_cli.checks import check
 from finetune_cli.config import Amp, Config, DataSource, Device, Monitor, RegularizerName
-from finetune_cli.data import Splits, image_folder_splits, make_loader, resolve_workers
+from finetune_cli.data import Splits, image_folder, image_folder_splits, make_loader, resolve_workers
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
@@ -180,9 +180,7 @@ def build_regularizer(cfg: Config, s: Setup) -> Optional[AnchorPenalty]:
     if reg.name == RegularizerName.l2sp:
         return AnchorPenalty(backbone, reg.strength)
     if reg.fisher_root:
-        source = image_folder_splits(Path(reg.fisher_root), eval_transform(s.pre), eval_transform(s.pre),
-                                     val_fraction=0.5, seed=0)
-        data = source.train
+        data = image_folder(Path(reg.fisher_root).expanduser(), eval_transform(s.pre))
         where = f"source images in {reg.fisher_root}"
     else:
         data = s.splits.train

@@ -14,14 +14,19 @@ from finetune_cli.ui import _render
 log = logging.getLogger("finetune_cli")
 
 
+def _job_number(path: Path) -> int:
+    head = path.parent.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def read_summaries(sweep_dir: Path) -> List[Dict[str, Any]]:
     rows = []
-    for path in sorted(sweep_dir.glob("*/summary.json"), key=lambda p: p.parent.name):
+    for path in sorted(sweep_dir.glob("*/summary.json"), key=_job_number):
         try:
             data = json.loads(path.read_text())
         except ValueError:
             data = {"status": "unreadable"}
-        data["job"] = path.parent.name
+        data["job"] = str(_job_number(path))
         rows.append(data)
     return rows
 
@@ -30,17 +35,22 @@ def show_sweep(sweep_dir: Path) -> None:
     rows = read_summaries(sweep_dir)
     if not rows:
         return
-    table = Table(title=f"Sweep: {sweep_dir}", title_justify="left")
-    for col in ("job", "status", "best", "epoch", "time s", "trainable"):
+    log.info(f"Sweep: {sweep_dir}")
+    table = Table()
+    for col in ("job", "model", "strategy", "status", "best", "epoch", "train s", "trainable %"):
         table.add_column(col)
     for r in rows:
         best = r.get("best") or {}
+        start, end = r.get("trainable_params"), r.get("trainable_params_final", r.get("trainable_params"))
+        total = r.get("total_params") or 1
         table.add_row(
             r["job"],
-            r.get("status", "?") + (f" ({r['error']})" if r.get("error") else ""),
+            r.get("model", "?"),
+            r.get("strategy", "?"),
+            r.get("status", "?") + (f": {r['error']}" if r.get("error") else ""),
             f"{best['monitor']} {best['value']:.4f}" if best else "-",
             str(best.get("epoch", "-")),
-            f"{r['total_seconds']:.1f}" if "total_seconds" in r else "-",
-            f"{r['trainable_pct']:.1f}%" if "trainable_pct" in r else "-",
+            f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-",
+            "-" if start is None else (f"{100 * start / total:.1f}" + ("" if end == start else f" -> {100 * end / total:.1f}")),
         )
     log.info(_render(table))

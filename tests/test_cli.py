@@ -315,3 +315,16 @@ def test_auto_strategy_reports_its_decision(tmp_path):
     # the synthetic data has a val/ folder, so all 20 images per class are training images
     assert auto["images_per_class"] == 20.0 and auto["chose"] == "full"
     assert "auto strategy: 20.0 training images per class >= auto_large=15" in proc.stdout
+
+
+@pytest.mark.parametrize("reg", ["l2sp", "ewc"])
+def test_regularizers_run_end_to_end(tmp_path, reg):
+    source = make_image_folder(tmp_path / "source", classes=("x", "y", "z"), per_class=3, val=False) / "train"
+    extra = [f"regularizer.fisher_root={source}", "regularizer.fisher_samples=6"] if reg == "ewc" else []
+    proc = cli([f"regularizer={reg}", "strategy=full", "model.weights=null", *SMALL_SYNTHETIC, *TINY, *extra], tmp_path)
+    _ok(proc)
+    assert f"Regularizer: {reg}" in proc.stdout
+    if reg == "ewc":
+        assert f"EWC: diagonal Fisher from 6 of source images in {source}" in proc.stdout
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert _summary(run)["regularizer"] == reg and _summary(run)["status"] == "completed"
