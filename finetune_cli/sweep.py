@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
 from rich.table import Table
 
 from finetune_cli.ui import _render
-
-log = logging.getLogger("finetune_cli")
 
 
 def _job_number(path: Path) -> int:
@@ -35,7 +32,8 @@ def show_sweep(sweep_dir: Path) -> None:
     rows = read_summaries(sweep_dir)
     if not rows:
         return
-    log.info(f"Sweep: {sweep_dir}")
+    # printed, not logged: at the end of a sweep the loggers carry Hydra's own line prefix
+    print(f"Sweep: {sweep_dir}")
     table = Table()
     for col in ("job", "model", "strategy", "status", "best", "epoch", "train s", "trainable %"):
         table.add_column(col)
@@ -53,4 +51,4 @@ def show_sweep(sweep_dir: Path) -> None:
             f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-",
             "-" if start is None else (f"{100 * start / total:.1f}" + ("" if end == start else f" -> {100 * end / total:.1f}")),
         )
-    log.info(_render(table))
+    print(_render(table), flush=True)
