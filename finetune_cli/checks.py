@@ -87,6 +87,21 @@ def problems(cfg: Config) -> List[str]:
     for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
         if not 0 <= value < 1:
             found.append(f"{key} must be in [0, 1) (got {value}).")
+    aug = cfg.augment
+    for key in ("grayscale_p", "blur_p", "erasing_p", "mix_prob", "switch_prob"):
+        if not 0 <= getattr(aug, key) <= 1:
+            found.append(f"augment.{key} is a probability: give a value in [0, 1] (got {getattr(aug, key)}).")
+    if not 0 < aug.scale_min <= aug.scale_max <= 1:
+        found.append(f"augment.scale_min and augment.scale_max need 0 < min <= max <= 1 (got {aug.scale_min}, {aug.scale_max}).")
+    if not 0 <= aug.hue <= 0.5:
+        found.append(f"augment.hue must be in [0, 0.5] (got {aug.hue}).")
+    for key in ("rotation", "color_jitter", "mixup_alpha", "cutmix_alpha"):
+        if getattr(aug, key) < 0:
+            found.append(f"augment.{key} must be 0 or more (got {getattr(aug, key)}).")
+    if aug.blur_sigma < 0.1:
+        found.append(f"augment.blur_sigma must be at least 0.1 (got {aug.blur_sigma}).")
+    if cfg.preview_images < 1:
+        found.append(f"preview_images must be 1 or more (got {cfg.preview_images}).")
     st, reg = cfg.strategy, cfg.regularizer
     if st.auto_small > st.auto_large:
         found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")

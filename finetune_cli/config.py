@@ -52,8 +52,23 @@ class DataSource(str, Enum):
 
 
 class AugmentName(str, Enum):
-    none = "none"
-    basic = "basic"
+    none = "none"  # the deterministic eval transform (mixing still applies if set)
+    basic = "basic"  # random resized crop + flip, plus whichever extras are set
+    strong = "strong"  # the same builder; its preset turns the extras on
+    randaugment = "randaugment"
+    trivialaugment = "trivialaugment"
+    autoaugment = "autoaugment"
+
+
+class AutoAugmentPolicy(str, Enum):
+    imagenet = "imagenet"
+    cifar10 = "cifar10"
+    svhn = "svhn"
+
+
+class PreviewMode(str, Enum):
+    off = "off"
+    augment = "augment"  # write a grid of augmented training images and stop
 
 
 class OptimizerName(str, Enum):
@@ -190,8 +205,27 @@ class ScheduleConfig:
 @dataclass
 class AugmentConfig:
     name: AugmentName = AugmentName.basic
+    # geometry
+    scale_min: float = 0.35  # random resized crop: area fraction range
+    scale_max: float = 1.0
     hflip: bool = True
-    scale_min: float = 0.35  # random resized crop: smallest fraction of the image area
+    rotation: float = 0.0  # max degrees either way; 0 = off
+    # colour and blur
+    color_jitter: float = 0.0  # brightness, contrast and saturation strength; 0 = off
+    hue: float = 0.0  # hue jitter (at most 0.5)
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: float = 2.0  # gaussian blur: sigma drawn from [0.1, blur_sigma]
+    erasing_p: float = 0.0  # random erasing, after normalization
+    # policies
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    autoaugment_policy: AutoAugmentPolicy = AutoAugmentPolicy.imagenet
+    # batch mixing, with soft targets
+    mixup_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off
+    mix_prob: float = 1.0  # chance that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: chance of CutMix rather than MixUp
 
 
 @dataclass
@@ -220,6 +254,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     plan: bool = False  # print the plan and exit without training
+    preview: PreviewMode = PreviewMode.off  # preview=augment: a picture of what the model sees
+    preview_images: int = 16
     cache_dir: Optional[str] = None  # synthetic data and weights; default $FINETUNE_CLI_CACHE
 
 

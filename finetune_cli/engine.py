@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finetune_cli.errors import FinetuneError
+from finetune_cli.mixing import hard_labels
 
 
 @dataclass
@@ -71,6 +72,7 @@ def train_one_epoch(
     grad_clip: Optional[float] = None,
     aux_weight: float = 0.0,
     penalty: Optional[Callable[[], torch.Tensor]] = None,
+    mix: Optional[Callable] = None,
     progress: bool = False,
     desc: str = "train",
 ) -> EpochResult:
@@ -85,6 +87,8 @@ def train_one_epoch(
     for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if mix is not None:
+            images, targets = mix(images, targets)  # soft targets from here on
         with precision.autocast(device):
             logits, aux = split_outputs(model(images))
             loss = criterion(logits, targets)
@@ -114,7 +118,7 @@ def train_one_epoch(
         step_schedule()
         n = targets.size(0)
         total_loss += loss.detach() * n
-        correct += (logits.detach().argmax(1) == targets).sum()
+        correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
         seen += n
     seconds = time.perf_counter() - start
     return EpochResult(

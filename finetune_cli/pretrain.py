@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune_cli.config import AugmentName, Monitor, ScheduleConfig, ScheduleName
+from finetune_cli.config import AugmentConfig, AugmentName, Monitor, ScheduleConfig, ScheduleName
 from finetune_cli.data import image_folder_splits, make_loader
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.io_utils import atomic_torch_save
@@ -27,7 +27,7 @@ from finetune_cli.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SOURCE = dict(classes=16, train_per_class=100, val_per_class=20, seed=1234)
 EPOCHS = 15
 LR = 2e-3
@@ -63,7 +63,7 @@ def synthetic_weights(
     pre = preprocess_for(model_name, choice, image_size)
     splits = image_folder_splits(
         root,
-        train_transform(pre, AugmentName.basic, hflip=True, scale_min=0.35),
+        train_transform(pre, AugmentConfig(name=AugmentName.basic, scale_min=0.35)),
         eval_transform(pre),
         val_fraction=0.2,
         seed=0,

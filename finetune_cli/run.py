@@ -18,17 +18,19 @@ from torch import nn
 from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
 from finetune_cli.checks import check
-from finetune_cli.config import Amp, Config, DataSource, Device, Monitor, RegularizerName
+from finetune_cli.config import Amp, Config, DataSource, Device, Monitor, PreviewMode, RegularizerName
 from finetune_cli.data import Splits, image_folder, image_folder_splits, make_loader, resolve_workers
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
+from finetune_cli.mixing import make_mixer
 from finetune_cli.models import BuiltModel, HeadSpec, count_params, create_model, resolve_weights
 from finetune_cli.models.factory import head_prefixes, preprocess_for
 from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.optim import Schedule, build_optimizer, group_lrs, layerwise_lrs, param_groups
 from finetune_cli.paths import cache_dir
 from finetune_cli.pretrain import synthetic_weights
+from finetune_cli.preview import write_preview
 from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
 from finetune_cli.strategies import Controller, apply_freezing, plan_rows
 from finetune_cli.synthetic import SyntheticSpec, generate
@@ -96,7 +98,7 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
-    train_tf = train_transform(pre, cfg.augment.name, hflip=cfg.augment.hflip, scale_min=cfg.augment.scale_min)
+    train_tf = train_transform(pre, cfg.augment)
     if cfg.data.source == DataSource.synthetic:
         s = cfg.data.synthetic
         root = generate(
@@ -193,10 +195,29 @@ def build_regularizer(cfg: Config, s: Setup) -> Optional[AnchorPenalty]:
     return AnchorPenalty(backbone, reg.strength, fisher)
 
 
+def preview_augmentation(cfg: Config, out_dir: Path) -> Dict[str, Any]:
+    """Write the augmentation preview and stop: no model, no download, no pretraining."""
+    synthetic = cfg.model.weights == "synthetic"
+    choice = WeightsChoice("none") if synthetic else resolve_weights(cfg.model.name, cfg.model.weights)
+    pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
+    splits = load_data(cfg, pre, cache_dir(cfg.cache_dir))
+    path = write_preview(
+        splits.train, splits.classes, pre, out_dir / "augment_preview.png",
+        count=cfg.preview_images, seed=cfg.trainer.seed, mixer=make_mixer(cfg.augment, len(splits.classes)),
+    )
+    log.info(f"augment={cfg.augment.name.value}: {cfg.preview_images} training images as the model sees them "
+             f"({pre.crop_size}px) written to {path}")
+    summary = {"status": "previewed", "preview": str(path), "augment": cfg.augment.name.value, "output_dir": str(out_dir)}
+    atomic_json(summary, out_dir / "summary.json")
+    return summary
+
+
 def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[str] = None) -> Dict[str, Any]:
     started = time.perf_counter()
     check(cfg)
     seed_everything(cfg.trainer.seed)
+    if cfg.preview == PreviewMode.augment:
+        return preview_augmentation(cfg, out_dir)
     s = prepare(cfg)
     model, groups, splits = s.built.model, s.built.groups, s.splits
     atomic_json(splits.classes, out_dir / "classes.json")
@@ -260,6 +281,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
                         monitor=cfg.trainer.monitor)
     scaler = s.precision.scaler(s.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    mixer = make_mixer(cfg.augment, len(splits.classes))
     tracker = MetricTracker(cfg.trainer.monitor, cfg.trainer.patience, cfg.trainer.min_delta)
     metrics = MetricsWriter(out_dir / "metrics.csv")
     checkpoints = Checkpointer(out_dir / "checkpoints")
@@ -305,7 +327,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
         tr = train_one_epoch(
             model, train_loader, optimizer, criterion, s.device,
             step_schedule=schedule.step_batch, precision=s.precision, scaler=scaler,
-            grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty,
+            grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty, mix=mixer,
             progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
         )
         va = evaluate(model, val_loader, criterion, s.device, precision=s.precision, progress=s.progress)

@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from finetune_cli.config import AugmentName
+from finetune_cli.config import AugmentConfig, AugmentName
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,12 +54,8 @@ class Preprocess:
         return asdict(self)
 
 
-def _tensor_tail(pre: Preprocess) -> list:
-    return [
-        T.ToImage(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=list(pre.mean), std=list(pre.std)),
-    ]
+def _to_float(pre: Preprocess) -> list:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(pre.mean), std=list(pre.std))]
 
 
 def eval_transform(pre: Preprocess) -> T.Compose:
@@ -67,22 +63,51 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     interp = InterpolationMode(pre.interpolation)
     return T.Compose(
         [
+            T.ToImage(),
             T.Resize(pre.resize_size, interpolation=interp, antialias=True),
             T.CenterCrop(pre.crop_size),
-            *_tensor_tail(pre),
+            *_to_float(pre),
         ]
     )
 
 
-def train_transform(pre: Preprocess, name: AugmentName, *, hflip: bool, scale_min: float) -> T.Compose:
-    if name == AugmentName.none:
+def _policy(aug: AugmentConfig, interp: InterpolationMode) -> list:
+    if aug.name == AugmentName.randaugment:
+        return [T.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude, interpolation=interp)]
+    if aug.name == AugmentName.trivialaugment:
+        return [T.TrivialAugmentWide(interpolation=interp)]
+    if aug.name == AugmentName.autoaugment:
+        policy = T.AutoAugmentPolicy(aug.autoaugment_policy.value)
+        return [T.AutoAugment(policy=policy, interpolation=interp)]
+    return []
+
+
+def train_transform(pre: Preprocess, aug: AugmentConfig) -> T.Compose:
+    """The training transform of a preset: every extra is on when its key is non-zero.
+
+    Works on PIL images and uint8 tensors alike; returns normalized float32 CHW tensors.
+    """
+    if aug.name == AugmentName.none:
         return eval_transform(pre)
     interp = InterpolationMode(pre.interpolation)
-    steps = [
-        T.RandomResizedCrop(
-            pre.crop_size, scale=(scale_min, 1.0), interpolation=interp, antialias=True
-        )
+    steps: list = [
+        T.ToImage(),
+        T.RandomResizedCrop(pre.crop_size, scale=(aug.scale_min, aug.scale_max), interpolation=interp, antialias=True),
     ]
-    if hflip:
+    if aug.hflip:
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose(steps + _tensor_tail(pre))
+    steps += _policy(aug, interp)
+    if aug.rotation > 0:
+        steps.append(T.RandomRotation(aug.rotation, interpolation=interp))
+    if aug.color_jitter > 0 or aug.hue > 0:
+        cj = aug.color_jitter
+        steps.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue))
+    if aug.grayscale_p > 0:
+        steps.append(T.RandomGrayscale(p=aug.grayscale_p))
+    if aug.blur_p > 0:
+        kernel = max(3, int(0.1 * pre.crop_size) // 2 * 2 + 1)  # about a tenth of the image, odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, aug.blur_sigma))], p=aug.blur_p))
+    steps += _to_float(pre)
+    if aug.erasing_p > 0:
+        steps.append(T.RandomErasing(p=aug.erasing_p, value=0))
+    return T.Compose(steps)

@@ -328,3 +328,32 @@ def test_regularizers_run_end_to_end(tmp_path, reg):
         assert f"EWC: diagonal Fisher from 6 of source images in {source}" in proc.stdout
     (run,) = run_dirs(tmp_path / "outputs")
     assert _summary(run)["regularizer"] == reg and _summary(run)["status"] == "completed"
+
+
+def test_augment_preview_writes_a_labelled_grid_without_training(tmp_path):
+    from finetune_cli.preview import LABEL_HEIGHT, grid_size
+
+    proc = cli(["preview=augment", "preview_images=10", "augment=strong", "augment.mixup_alpha=0.2",
+                "model.weights=synthetic", *SMALL_SYNTHETIC, "hydra.run.dir=outputs/pv"], tmp_path)
+    _ok(proc)
+    path = tmp_path / "outputs" / "pv" / "augment_preview.png"
+    assert str(path) in proc.stdout
+    assert "Pretraining" not in proc.stdout  # a preview builds no model
+    cols, rows, tile = grid_size(10, 32)
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (cols * tile, rows * (tile + LABEL_HEIGHT)) == (512, 462)
+    assert not (tmp_path / "outputs" / "pv" / "checkpoints").exists()
+    assert _summary(tmp_path / "outputs" / "pv")["status"] == "previewed"
+
+
+def test_strong_augmentation_with_mixup_and_cutmix_trains(tmp_path):
+    proc = cli(["augment=strong", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "trainer.label_smoothing=0.1",
+                "model.head_dropout=0.2", "model.weights=synthetic", "strategy=linear_probe", *SMALL_SYNTHETIC,
+                "data.num_workers=0", "trainer.epochs=2"], tmp_path)
+    _ok(proc)
+    (run,) = run_dirs(tmp_path / "outputs")
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 2 and all(0 <= float(r["train_acc"]) <= 1 for r in rows)
+    assert _summary(run)["status"] == "completed"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_cli.config import AugmentName
+from finetune_cli.config import AugmentConfig, AugmentName
 from finetune_cli.data import image_folder_splits, load_rgb, resolve_workers, stratified_split
 from finetune_cli.errors import FinetuneError
 from finetune_cli.synthetic import SyntheticSpec, class_pool, generate
@@ -45,7 +45,7 @@ def test_every_image_mode_loads_as_rgb(tmp_path):
 def test_folder_with_mixed_modes_trains_through_transforms(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=3)
     _save_modes(root / "train" / "cat")
-    tf = train_transform(PRE, AugmentName.basic, hflip=True, scale_min=0.5)
+    tf = train_transform(PRE, AugmentConfig(name=AugmentName.basic, scale_min=0.5))
     splits = image_folder_splits(root, tf, eval_transform(PRE), val_fraction=0.2, seed=0)
     assert splits.classes == ["cat", "dog"] and splits.val_source == "val/ folder"
     for i in range(len(splits.train)):
