@@ -231,7 +231,6 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
                         cfg.strategy.group_lrs)
     apply_freezing(groups, controller.mask(), cfg.strategy.bn)
     optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay))
-    penalty = build_regularizer(cfg, s)
     trainable, total = count_params(model)
     rows = plan_rows(groups, controller, [lr * controller.lr_mult for lr in lrs], cfg.strategy.bn)
     notes = list(s.built.notes)
@@ -274,6 +273,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
         atomic_json(summary, out_dir / "summary.json")
         return summary
 
+    penalty = build_regularizer(cfg, s)
     bs, pin = cfg.data.batch_size, s.device.type == "cuda"
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=s.workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=s.workers, train=False, seed=cfg.trainer.seed, pin_memory=pin)
