@@ -102,6 +102,11 @@ def problems(cfg: Config) -> List[str]:
         found.append(f"augment.blur_sigma must be at least 0.1 (got {aug.blur_sigma}).")
     if cfg.preview_images < 1:
         found.append(f"preview_images must be 1 or more (got {cfg.preview_images}).")
+    if cfg.logger.name.value == "tensorboard":
+        from finetune_cli.tblog import HINT, available
+
+        if not available():
+            found.append(HINT)
     st, reg = cfg.strategy, cfg.regularizer
     if st.auto_small > st.auto_large:
         found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")

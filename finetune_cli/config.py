@@ -66,6 +66,11 @@ class AutoAugmentPolicy(str, Enum):
     svhn = "svhn"
 
 
+class LoggerName(str, Enum):
+    none = "none"  # metrics.csv and summary.json only (always written)
+    tensorboard = "tensorboard"  # also TensorBoard event files in the run folder
+
+
 class PreviewMode(str, Enum):
     off = "off"
     augment = "augment"  # write a grid of augmented training images and stop
@@ -244,6 +249,11 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,6 +263,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: bool = False  # print the plan and exit without training
     preview: PreviewMode = PreviewMode.off  # preview=augment: a picture of what the model sees
     preview_images: int = 16

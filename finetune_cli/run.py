@@ -17,8 +17,9 @@ from torch import nn
 
 from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
+from finetune_cli.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, resolve_checkpoint
 from finetune_cli.checks import check
-from finetune_cli.config import Amp, Config, DataSource, Device, Monitor, PreviewMode, RegularizerName
+from finetune_cli.config import Amp, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName
 from finetune_cli.data import Splits, image_folder, image_folder_splits, make_loader, resolve_workers
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
@@ -33,11 +34,11 @@ from finetune_cli.pretrain import synthetic_weights
 from finetune_cli.preview import write_preview
 from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
 from finetune_cli.strategies import Controller, apply_freezing, plan_rows
+from finetune_cli.tblog import TensorBoardLogger
 from finetune_cli.synthetic import SyntheticSpec, generate
 from finetune_cli.transforms import Preprocess, eval_transform, train_transform
 
 log = logging.getLogger("finetune_cli")
-CHECKPOINT_FORMAT = "finetune-cli/1"
 
 
 def seed_everything(seed: int) -> None:
@@ -112,17 +113,8 @@ def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
 
 
 def load_resume(spec: str, model_name: str, classes: List[str]) -> Dict[str, Any]:
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise FinetuneError(
-            f"trainer.resume={spec}: no checkpoint there. Give a checkpoint file or a run folder "
-            "holding checkpoints/last.pt."
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FinetuneError(f"{path} is not a finetune-cli checkpoint; use model.weights={path} to start from its weights.")
+    path = resolve_checkpoint(spec, prefer="last.pt")
+    ckpt = read_checkpoint(path)
     if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
         raise FinetuneError(
             f"{path} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run has "
@@ -274,6 +266,7 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
         return summary
 
     penalty = build_regularizer(cfg, s)
+    tensorboard = TensorBoardLogger(out_dir / "tensorboard") if cfg.logger.name == LoggerName.tensorboard else None
     bs, pin = cfg.data.batch_size, s.device.type == "cuda"
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=s.workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=s.workers, train=False, seed=cfg.trainer.seed, pin_memory=pin)
@@ -357,6 +350,8 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
             "events": "; ".join(events + after),
         }
         metrics.append(row)
+        if tensorboard is not None:
+            tensorboard.log_epoch(row)
         summary["events"] += [{"epoch": epoch, "event": e} for e in events + after]
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -405,6 +400,8 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
             summary["stopped_early"] = True
             break
 
+    if tensorboard is not None:
+        tensorboard.close()
     if "best" not in summary:
         raise FinetuneError(
             f"Nothing to train: the checkpoint is from epoch {start - 1} of {controller.epochs}. "

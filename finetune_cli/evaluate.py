@@ -1,0 +1,156 @@
+"""``finetune-cli-eval CHECKPOINT DIR``: evaluate a checkpoint on a labelled folder (DIR/<class>/*).
+
+Accuracy, top-5 accuracy (when there are more than 5 classes), per-class precision, recall and
+F1, and the confusion matrix (rows: true class, columns: predicted), printed and written to
+``metrics.json`` and ``confusion.png``. Class names come from the checkpoint; a class folder the
+model does not know is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from finetune_cli.checkpoint import Loaded, load_for_inference, tool_main
+from finetune_cli.data import image_folder, make_loader
+from finetune_cli.engine import split_outputs
+from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes
+from finetune_cli.transforms import eval_transform
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:
+    if not folder.is_dir():
+        raise FinetuneError(f"{folder} does not exist: give a folder holding one sub-folder of images per class.")
+    data = image_folder(folder, eval_transform(loaded.preprocess))
+    unknown = sorted(set(data.classes) - set(loaded.classes))
+    if unknown:
+        raise FinetuneError(
+            f"{folder} has class folders the model does not know: {', '.join(unknown)}. The checkpoint's classes are: "
+            f"{', '.join(loaded.classes)}. Rename or remove those folders."
+        )
+    to_model = torch.tensor([loaded.classes.index(c) for c in data.classes])  # folder index -> model index
+    loader = make_loader(data, batch_size=batch_size, num_workers=workers, train=False, seed=0)
+    n = len(loaded.classes)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    top5_hits = 0
+    with torch.inference_mode():
+        for images, targets in loader:
+            logits, _ = split_outputs(loaded.model(images.to(device)))
+            truth = to_model[targets]
+            ranked = logits.float().cpu().topk(min(5, n), dim=1).indices
+            confusion += torch.bincount(truth * n + ranked[:, 0], minlength=n * n).view(n, n)
+            top5_hits += int((ranked == truth[:, None]).any(1).sum())
+    total = int(confusion.sum())
+    tp = confusion.diag().float()
+    predicted = confusion.sum(0).float()
+    support = confusion.sum(1).float()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    present = support > 0
+    result: Dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "folder": str(folder),
+        "images": total,
+        "accuracy": float(tp.sum() / max(total, 1)),
+        "top5_accuracy": top5_hits / max(total, 1) if n > 5 else None,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "classes": loaded.classes,
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(loaded.classes)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+    return result
+
+
+def confusion_png(result: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    classes = result["classes"]
+    matrix = result["confusion_matrix"]
+    size = max(4, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (accuracy {result['accuracy']:.3f})")
+    if len(classes) <= 30:
+        peak = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if v:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def show(result: Dict[str, Any], console: Console) -> None:
+    head = f"accuracy {result['accuracy']:.4f} on {result['images']} images"
+    if result["top5_accuracy"] is not None:
+        head += f", top-5 {result['top5_accuracy']:.4f}"
+    console.print(head + f", macro F1 {result['macro_f1']:.4f}")
+    table = Table(title="Per class", title_justify="left")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c, m in result["per_class"].items():
+        table.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(table)
+    if len(result["classes"]) <= 12:
+        cm = Table(title="Confusion matrix (rows: true class, columns: predicted, by number)", title_justify="left")
+        cm.add_column("true")
+        for i in range(len(result["classes"])):
+            cm.add_column(str(i), justify="right")
+        for i, (c, row) in enumerate(zip(result["classes"], result["confusion_matrix"])):
+            cm.add_row(f"{i} {c}", *[str(v) for v in row])
+        console.print(cm)
+
+
+@tool_main
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-cli-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    parser.add_argument("folder", type=Path, help="DIR/<class>/* images")
+    parser.add_argument("--out-dir", type=Path, help="where metrics.json and confusion.png go (default: RUN/eval-<DIR name>)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    loaded = load_for_inference(args.checkpoint, device)
+    result = evaluate_folder(loaded, args.folder, batch_size=args.batch_size, workers=args.workers, device=device)
+    out = args.out_dir or (loaded.run_dir or Path.cwd()) / f"eval-{args.folder.resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_json(result, out / "metrics.json")
+    confusion_png(result, out / "confusion.png")
+    console = Console()
+    show(result, console if console.is_terminal else Console(width=200))
+    print(f"Wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

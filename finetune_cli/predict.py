@@ -1,0 +1,133 @@
+"""``finetune-cli-predict CHECKPOINT PATH...``: top-k classes for images or folders of images.
+
+Uses the checkpoint's own preprocessing, in batches. Prints a table and writes
+``predictions.csv`` and ``predictions.json``. An image that cannot be read gets an error row;
+the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+
+from finetune_cli.checkpoint import load_for_inference, tool_main
+from finetune_cli.data import is_image, load_rgb
+from finetune_cli.engine import split_outputs
+from finetune_cli.errors import FinetuneError
+from finetune_cli.evaluate import pick_device
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes
+from finetune_cli.transforms import eval_transform
+
+
+def collect(paths: List[Path]) -> List[Path]:
+    files: List[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image(str(f)))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FinetuneError(f"{p} does not exist: give image files or folders of images.")
+    if not files:
+        raise FinetuneError(f"No images found in {', '.join(map(str, paths))}.")
+    return files
+
+
+class _Images(Dataset):
+    def __init__(self, files: List[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_rgb(str(self.files[i]))), i, ""
+        except Exception as exc:  # one bad file must not stop the others
+            return torch.zeros(0), i, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    good = [(x, i) for x, i, err in batch if not err]
+    bad = [(i, err) for _, i, err in batch if err]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+def predict(checkpoint: str, paths: List[Path], *, top_k: int, batch_size: int, device: torch.device) -> List[Dict[str, Any]]:
+    loaded = load_for_inference(checkpoint, device)
+    files = collect(paths)
+    k = max(1, min(top_k, len(loaded.classes)))
+    loader = DataLoader(_Images(files, eval_transform(loaded.preprocess)), batch_size=batch_size, collate_fn=_collate)
+    rows: List[Optional[Dict[str, Any]]] = [None] * len(files)
+    with torch.inference_mode():
+        for images, idx, bad in loader:
+            for i, err in bad:
+                rows[i] = {"path": str(files[i]), "top": [], "error": err}
+            if images is None:
+                continue
+            logits, _ = split_outputs(loaded.model(images.to(device)))
+            probs, classes = torch.softmax(logits.float(), 1).topk(k, dim=1)
+            for j, i in enumerate(idx):
+                rows[i] = {
+                    "path": str(files[i]),
+                    "top": [{"class": loaded.classes[int(c)], "prob": float(p)} for p, c in zip(probs[j], classes[j])],
+                    "error": "",
+                }
+    return [r for r in rows if r is not None]
+
+
+def write_outputs(rows: List[Dict[str, Any]], out: Path, k: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_json(rows, out / "predictions.json")
+    buf = io.StringIO()
+    fields = ["path"] + [f"{name}{r}" for r in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        flat = {"path": row["path"], "error": row["error"]}
+        for r, t in enumerate(row["top"], 1):
+            flat[f"class{r}"], flat[f"prob{r}"] = t["class"], f"{t['prob']:.6f}"
+        writer.writerow(flat)
+    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+
+
+@tool_main
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-cli-predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    parser.add_argument("paths", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out-dir", type=Path, default=Path("."), help="where predictions.csv/json go (default: .)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args(argv)
+    rows = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=pick_device(args.device))
+    k = max((len(r["top"]) for r in rows), default=1)
+    table = Table()
+    table.add_column("image", overflow="fold")
+    for r in range(1, min(k, 3) + 1):
+        table.add_column(f"#{r}")
+    for row in rows:
+        cells = [f"{t['class']} {t['prob']:.3f}" for t in row["top"][:3]] or [f"error: {row['error']}"]
+        table.add_row(row["path"], *cells, *[""] * (min(k, 3) - len(cells)))
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)
+    write_outputs(rows, args.out_dir, k)
+    failed = sum(1 for r in rows if r["error"])
+    print(f"{len(rows) - failed} images predicted, {failed} unreadable; wrote {args.out_dir / 'predictions.csv'} and "
+          f"{args.out_dir / 'predictions.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Report, evaluate, predict and export, run as users run them, on one tiny sweep."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, cli, make_image_folder, run_dirs
+
+SMALL = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10", "model.weights=synthetic"]
+
+
+def tool(module, *args, cwd):
+    return subprocess.run([sys.executable, "-m", f"finetune_cli.{module}", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("sweep")
+    os.environ["FINETUNE_CLI_CACHE"] = str(cache_dir)
+    proc = cli(["-m", "strategy=linear_probe,freeze_early,full", *SMALL, *TINY, "trainer.epochs=2"], root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (multirun,) = (root / "outputs" / "multirun").glob("*/*")
+    return multirun
+
+
+def _val_folder(run: Path) -> Path:
+    return Path(json.loads((run / "summary.json").read_text())["dataset"]["root"]) / "val"
+
+
+def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(sweep, root)
+    jobs = run_dirs(root)
+    interrupted = root / "9_interrupted"
+    shutil.copytree(jobs[0], interrupted)
+    summary = json.loads((interrupted / "summary.json").read_text())
+    summary["status"] = "running"
+    (interrupted / "summary.json").write_text(json.dumps(summary))
+    crashed = root / "10_crashed"
+    (crashed / ".hydra").mkdir(parents=True)
+    broken = root / "11_broken"
+    shutil.copytree(jobs[1], broken)
+    (broken / "summary.json").write_text("{not json")
+
+    proc = tool("report", root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for strategy in ("linear_probe", "freeze_early", "full"):
+        assert strategy in proc.stdout
+    assert "running or interrupted" in proc.stdout and "incomplete" in proc.stdout
+
+    rows = list(csv.DictReader((root / "report.csv").open()))
+    assert list(rows[0]) == ["run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
+                             "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
+                             "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
+                             "peak_memory_mb", "error"]
+    assert len(rows) == 6
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert sorted(r["strategy"] for r in completed) == ["freeze_early", "full", "linear_probe"]
+    bests = [float(r["best"]) for r in rows if r["best"]]
+    assert bests == sorted(bests, reverse=True)  # ranked by the best metric
+    for r in completed:
+        gap = float(r["final_train_acc"]) - float(r["final_val_acc"])
+        assert float(r["train_val_gap"]) == pytest.approx(gap)
+        assert float(r["seconds_per_epoch"]) > 0 and int(r["epochs_run"]) == 2
+    assert {r["status"] for r in rows if r["run"].startswith(("10_", "11_"))} == {"incomplete"}
+    assert "unreadable summary.json" in (root / "report.md").read_text()
+    for png in ("val_acc.png", "acc_vs_time.png"):
+        with Image.open(root / png) as img:
+            img.verify()
+    with Image.open(root / "acc_vs_time.png") as img:
+        assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_report_plots_lr_per_group_for_discriminative_runs(tmp_path):
+    proc = cli(["strategy=discriminative", *SMALL, *TINY, "trainer.epochs=2", "hydra.run.dir=runs/d"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert tool("report", tmp_path / "runs", cwd=tmp_path).returncode == 0
+    with Image.open(tmp_path / "runs" / "lr_groups.png") as img:
+        assert img.format == "PNG"
+    assert tool("report", tmp_path / "nowhere", cwd=tmp_path).returncode == 2
+
+
+def test_evaluate_matches_training_validation(sweep, tmp_path):
+    run = run_dirs(sweep)[2]  # full fine-tuning
+    val = _val_folder(run)
+    proc = tool("evaluate", run, val, "--out-dir", tmp_path / "eval", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert result["accuracy"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-6)
+    assert result["images"] == 100 and result["top5_accuracy"] >= result["accuracy"]
+    cm = np.array(result["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == 100 and cm.trace() / 100 == pytest.approx(result["accuracy"])
+    assert set(result["per_class"]) == set(best["classes"])
+    for name, m in result["per_class"].items():
+        assert m["support"] == 10 and 0 <= m["f1"] <= 1
+    with Image.open(tmp_path / "eval" / "confusion.png") as img:
+        img.verify()
+    assert "Per class" in proc.stdout
+
+
+def test_evaluate_refuses_unknown_classes(sweep, tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", classes=("circle_solid", "zebra"), per_class=2, val=False) / "train"
+    proc = tool("evaluate", run_dirs(sweep)[0], folder, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "class folders the model does not know: zebra" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_top_k_agrees_with_evaluate(sweep, tmp_path):
+    run = run_dirs(sweep)[2]
+    val = _val_folder(run)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    proc = tool("predict", run, val, bad, "--top-k", "3", "--batch-size", "16", "--out-dir", tmp_path / "p", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "100 images predicted, 1 unreadable" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "p" / "predictions.csv").open()))
+    assert list(rows[0]) == ["path", "class1", "prob1", "class2", "prob2", "class3", "prob3", "error"]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 100 and any(r["error"] for r in rows)
+    for r in good:
+        probs = [float(r[f"prob{k}"]) for k in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    hits = sum(Path(r["path"]).parent.name == r["class1"] for r in good)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert hits / 100 == pytest.approx(best["metrics"]["val_acc"])  # the same preprocessing as validation
+    data = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(data) == 101 and len(data[0]["top"]) == 3
+
+
+def test_export_onnx_and_torch_export_match_pytorch(sweep, tmp_path):
+    import onnxruntime as ort
+
+    from finetune_cli.checkpoint import load_for_inference
+
+    run = run_dirs(sweep)[1]
+    proc = tool("export", run, "--out-dir", tmp_path / "x", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ONNX (onnxruntime): max abs difference from PyTorch" in proc.stdout
+    card = json.loads((tmp_path / "x" / "model_card.json").read_text())
+    assert card["model"] == "resnet18" and card["num_classes"] == 10 and len(card["classes"]) == 10
+    assert card["input"]["shape"] == ["batch", 3, 32, 32] and len(card["preprocessing"]["mean"]) == 3
+    assert card["onnx"]["max_abs_diff"] <= 1e-4 and card["torch_export"]["max_abs_diff"] <= 1e-4
+    assert card["source"]["run"] == str(run)
+    # an independent check: another batch size through onnxruntime against the checkpoint in PyTorch
+    session = ort.InferenceSession(str(tmp_path / "x" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 32, 32)
+    got = session.run(None, {"images": x.numpy()})[0]
+    model = load_for_inference(str(run)).model
+    with torch.inference_mode():
+        want = model(x).numpy()
+    assert got.shape == (5, 10) and np.abs(got - want).max() < 1e-4
+    program = torch.export.load(str(tmp_path / "x" / "model.pt2"))
+    with torch.inference_mode():
+        assert torch.allclose(program.module()(x), torch.from_numpy(want), atol=1e-5)
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = cli(["logger=tensorboard", *SMALL, *TINY, "trainer.epochs=2", "hydra.run.dir=runs/tb"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    acc = EventAccumulator(str(tmp_path / "runs" / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "accuracy/val", "lr/head", "lr/stem", "time/epoch_seconds"} <= tags
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+    rows = list(csv.DictReader((tmp_path / "runs" / "tb" / "metrics.csv").open()))
+    assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([float(r["val_acc"]) for r in rows])
