@@ -214,7 +214,10 @@ def test_installed_wheel_ships_its_config(tmp_path):
                    check=True, capture_output=True)
     assert (target / "finetune_cli" / "conf" / "config.yaml").is_file()
     (entry_points,) = target.glob("finetune_cli-*.dist-info/entry_points.txt")
-    assert "finetune-cli = finetune_cli.cli:main" in entry_points.read_text()
+    for script in ("finetune-cli = finetune_cli.cli:main", "finetune-cli-report = finetune_cli.report:main",
+                   "finetune-cli-eval = finetune_cli.evaluate:main", "finetune-cli-predict = finetune_cli.predict:main",
+                   "finetune-cli-export = finetune_cli.export:main"):
+        assert script in entry_points.read_text()
     assert (target / "finetune_cli" / "conf" / "strategy" / "linear_probe.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
