@@ -13,6 +13,7 @@ from torch import nn
 
 from finetune_cli.config import HeadType
 from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import safe_torch_load
 from finetune_cli.models import HeadSpec, WeightsChoice, create_model
 from finetune_cli.transforms import Preprocess
 
@@ -34,15 +35,7 @@ class Loaded:
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint's contents, read with ``weights_only=True``: a file that would run code when
     unpickled is refused, naming what it tried to load."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise FinetuneError(
-            f"Refused to load {path}: it is not a plain checkpoint ({type(exc).__name__}: {detail.strip()}). "
-            "finetune-cli loads files with weights_only=True, so a pickle that would run code is never executed."
-        ) from None
+    ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(
             f"{path} is not a finetune-cli checkpoint (no '{CHECKPOINT_FORMAT}' marker). To start training "

@@ -100,6 +100,8 @@ def problems(cfg: Config) -> List[str]:
             found.append(f"augment.{key} must be 0 or more (got {getattr(aug, key)}).")
     if aug.blur_sigma < 0.1:
         found.append(f"augment.blur_sigma must be at least 0.1 (got {aug.blur_sigma}).")
+    if cfg.data.max_image_pixels < 1:
+        found.append(f"data.max_image_pixels must be 1 or more (got {cfg.data.max_image_pixels}).")
     if cfg.preview_images < 1:
         found.append(f"preview_images must be 1 or more (got {cfg.preview_images}).")
     if cfg.logger.name.value == "tensorboard":
@@ -116,7 +118,7 @@ def problems(cfg: Config) -> List[str]:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
         found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")
-    if cfg.trainer.resume and not Path(cfg.trainer.resume).expanduser().exists():
+    if cfg.trainer.resume and cfg.trainer.resume != "auto" and not Path(cfg.trainer.resume).expanduser().exists():
         found.append(f"trainer.resume={cfg.trainer.resume} does not exist: give a checkpoint file or a run folder.")
     if cfg.strategy.freeze_groups < 0:
         found.append(f"strategy.freeze_groups must be 0 or more (got {cfg.strategy.freeze_groups}).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -83,6 +84,11 @@ def main(cfg: DictConfig) -> Optional[float]:
             out_dir,
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             label=hc.runtime.choices.get("strategy"),
+            command=" ".join(
+                ["finetune-cli"]
+                + [shlex.quote(o) for o in hc.overrides.hydra if not o.startswith("hydra.mode=")]
+                + [shlex.quote(o) for o in hc.overrides.task if not o.startswith("trainer.resume=")]
+            ),
         )
     except FinetuneError as exc:
         log.error(str(exc))

@@ -104,6 +104,11 @@ class Amp(str, Enum):
     fp16 = "fp16"
 
 
+class BadImage(str, Enum):
+    error = "error"  # stop before training, listing every bad file
+    skip = "skip"  # leave them out, listing them in the console and RUN/skipped_images.txt
+
+
 class Monitor(str, Enum):
     val_acc = "val_acc"
     val_loss = "val_loss"
@@ -138,6 +143,9 @@ class DataConfig:
     batch_size: int = 32
     num_workers: str = "auto"  # "auto" or a number
     val_fraction: float = 0.2
+    check_images: bool = True  # decode every image once before training (results cached)
+    on_bad_image: BadImage = BadImage.error
+    max_image_pixels: int = 89_478_485  # larger images count as decompression bombs (Pillow's limit)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -236,10 +244,11 @@ class AugmentConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 10
-    resume: Optional[str] = None  # a checkpoint to continue from
+    resume: Optional[str] = None  # a checkpoint, a run folder, or "auto" (this run folder's last.pt)
     save_every: int = 0  # also keep checkpoints/epoch_NNN.pt every N epochs; 0 = only last/best
     device: Device = Device.auto
     seed: int = 42
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     amp: Amp = Amp.auto
     grad_clip: Optional[float] = None  # max gradient norm
     label_smoothing: float = 0.0

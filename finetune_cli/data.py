@@ -54,10 +54,32 @@ class Splits:
         return len(self.train) / max(1, len(self.classes))
 
 
-def image_folder(root: Path, transform: Callable) -> ImageFolder:
-    """``root/<class>/*`` images, read as RGB."""
+def class_files(root: Path) -> dict:
+    """``{class: [image paths]}`` for ``root/<class>/*`` (searched recursively, as ImageFolder does)."""
+    root = Path(root)
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FinetuneError(
+            f"{root} has no class folders: put each class's images in its own sub-folder, {root}/<class>/*."
+        )
+    return {
+        c: sorted(str(p) for p in (root / c).rglob("*") if p.is_file() and is_image(str(p))) for c in classes
+    }
+
+
+def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset()) -> ImageFolder:
+    """``root/<class>/*`` images, read as RGB, leaving out the paths in ``exclude``."""
+    files = class_files(root)
+    empty = [c for c, fs in files.items() if not [f for f in fs if f not in exclude]]
+    if empty:
+        skipped = " after leaving out bad images" if exclude else ""
+        raise FinetuneError(
+            f"Empty class folder(s) in {root}{skipped}: {', '.join(str(Path(root) / c) for c in empty)}. Add images "
+            f"({', '.join(EXTENSIONS)}) or remove the folder(s)."
+        )
     try:
-        return ImageFolder(str(root), transform=transform, loader=load_rgb, is_valid_file=is_image)
+        return ImageFolder(str(root), transform=transform, loader=load_rgb,
+                           is_valid_file=lambda p: is_image(p) and p not in exclude)
     except FileNotFoundError as exc:
         raise FinetuneError(
             f"No images found under {root}: {exc}. Expected one sub-folder per class holding "
@@ -86,6 +108,11 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     return sorted(train), sorted(val)
 
 
+def split_dirs(root: Path) -> List[Path]:
+    """The folders a run reads images from: train/ and, when present, val/."""
+    return [d for d in (Path(root) / "train", Path(root) / "val") if d.is_dir()]
+
+
 def image_folder_splits(
     root: Path,
     train_tf: Callable,
@@ -93,6 +120,7 @@ def image_folder_splits(
     *,
     val_fraction: float,
     seed: int,
+    exclude: frozenset = frozenset(),
 ) -> Splits:
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -107,11 +135,11 @@ def image_folder_splits(
             f"{root} has no train/ folder. Expected {root}/train/<class>/* and optionally "
             f"{root}/val/<class>/*."
         )
-    train_full = image_folder(train_dir, train_tf)
+    train_full = image_folder(train_dir, train_tf, exclude)
     classes = list(train_full.classes)
     val_dir = root / "val"
     if val_dir.is_dir():
-        val = image_folder(val_dir, val_tf)
+        val = image_folder(val_dir, val_tf, exclude)
         if list(val.classes) != classes:
             only_train = sorted(set(classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(classes))
@@ -129,7 +157,7 @@ def image_folder_splits(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
             "more images per class."
         )
-    val_full = image_folder(train_dir, val_tf)
+    val_full = image_folder(train_dir, val_tf, exclude)
     return Splits(
         Subset(train_full, train_idx),
         Subset(val_full, val_idx),

@@ -21,6 +21,7 @@ class EpochResult:
     acc: float
     images: int
     seconds: float
+    interrupted: bool = False  # a stop was requested: the epoch was abandoned
 
     @property
     def images_per_s(self) -> float:
@@ -73,6 +74,7 @@ def train_one_epoch(
     aux_weight: float = 0.0,
     penalty: Optional[Callable[[], torch.Tensor]] = None,
     mix: Optional[Callable] = None,
+    should_stop: Callable[[], bool] = lambda: False,
     progress: bool = False,
     desc: str = "train",
 ) -> EpochResult:
@@ -120,12 +122,15 @@ def train_one_epoch(
         total_loss += loss.detach() * n
         correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
         seen += n
+        if should_stop():
+            break
     seconds = time.perf_counter() - start
     return EpochResult(
         loss=(total_loss / max(seen, 1)).item(),
         acc=(correct.float() / max(seen, 1)).item(),
         images=seen,
         seconds=seconds,
+        interrupted=should_stop(),
     )
 
 
@@ -137,6 +142,7 @@ def evaluate(
     device: torch.device,
     *,
     precision: Precision = Precision(),
+    should_stop: Callable[[], bool] = lambda: False,
     progress: bool = False,
     desc: str = "val",
 ) -> EpochResult:
@@ -154,9 +160,12 @@ def evaluate(
         total_loss += loss * targets.size(0)
         correct += (logits.argmax(1) == targets).sum()
         seen += targets.size(0)
+        if should_stop():
+            break
     return EpochResult(
         loss=(total_loss / max(seen, 1)).item(),
         acc=(correct.float() / max(seen, 1)).item(),
         images=seen,
         seconds=time.perf_counter() - start,
+        interrupted=should_stop(),
     )

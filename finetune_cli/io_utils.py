@@ -48,3 +48,62 @@ def atomic_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.slice",
+                        "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray", "_codecs.encode")
+
+
+def pickle_globals(path: Path) -> List[str]:
+    """The names a pickle (plain, or inside a torch zip archive) would import, read from its
+    opcodes without executing anything."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [Path(path).read_bytes()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: List[str] = []
+    for blob in blobs:
+        strings: List[str] = []
+        try:
+            for op, arg, _ in pickletools.genops(blob):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # a damaged pickle: report what was read so far
+            pass
+    return list(dict.fromkeys(found))
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: a pickle that would import or call anything
+    beyond tensors and plain containers is refused, naming what it asked for, and never run."""
+    import warnings
+
+    from finetune_cli.errors import FinetuneError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        blocked = [g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBAL_PREFIXES)]
+        if blocked:
+            detail = f"it would import {', '.join(blocked[:5])}, which is not allowed"
+        else:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise FinetuneError(
+            f"Refused to load {path}: {detail}. finetune-cli reads .pt/.pth files with weights_only=True, so a "
+            "file that would run code when unpickled is never executed. Use a plain state dict "
+            "(torch.save(model.state_dict(), path)), a finetune-cli checkpoint, or .safetensors."
+        ) from None

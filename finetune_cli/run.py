@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
 import resource
 import time
@@ -19,11 +21,16 @@ from finetune_cli import ui
 from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
 from finetune_cli.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, resolve_checkpoint
 from finetune_cli.checks import check
-from finetune_cli.config import Amp, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName
-from finetune_cli.data import Splits, image_folder, image_folder_splits, make_loader, resolve_workers
+from finetune_cli.config import (
+    Amp, BadImage, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName,
+)
+from finetune_cli.data_check import check_images, describe
+from finetune_cli.data import (
+    Splits, class_files, image_folder, image_folder_splits, make_loader, resolve_workers, split_dirs,
+)
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_json
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.mixing import make_mixer
 from finetune_cli.models import BuiltModel, HeadSpec, count_params, create_model, resolve_weights
 from finetune_cli.models.factory import head_prefixes, preprocess_for
@@ -34,6 +41,7 @@ from finetune_cli.pretrain import synthetic_weights
 from finetune_cli.preview import write_preview
 from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
 from finetune_cli.strategies import Controller, apply_freezing, plan_rows
+from finetune_cli.shutdown import GracefulStop, Interrupted
 from finetune_cli.tblog import TensorBoardLogger
 from finetune_cli.synthetic import SyntheticSpec, generate
 from finetune_cli.transforms import Preprocess, eval_transform, train_transform
@@ -41,10 +49,16 @@ from finetune_cli.transforms import Preprocess, eval_transform, train_transform
 log = logging.getLogger("finetune_cli")
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (DataLoader workers derive their seeds from the loader's
+    seeded generator); optionally demand deterministic algorithms."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
 
 
 def rng_state(loader_generator: torch.Generator) -> Dict[str, Any]:
@@ -98,7 +112,32 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS"
 
 
-def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
+def bad_images(cfg: Config, root: Path, cache: Path, out_dir: Path) -> frozenset:
+    """Check every image before training; stop, or leave the bad ones out (data.on_bad_image)."""
+    if not cfg.data.check_images:
+        return frozenset()
+    files = [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
+    started = time.perf_counter()
+    result = check_images(files, cfg.data.max_image_pixels, cache)
+    if not result.bad:
+        log.info(f"Data check: {result.checked} images readable ({time.perf_counter() - started:.1f}s).")
+        return frozenset()
+    listing = describe(result.bad)
+    if cfg.data.on_bad_image == BadImage.error:
+        raise FinetuneError(
+            f"{len(result.bad)} of {result.checked} images under {root} cannot be used:\n{listing}\n"
+            "Fix or delete them, or set data.on_bad_image=skip to train without them. Nothing was trained."
+        )
+    lines = "".join(f"{path}\t{why}\n" for path, why in sorted(result.bad.items()))
+    atomic_write_bytes(out_dir / "skipped_images.txt", lines.encode())
+    log.warning(
+        f"Skipping {len(result.bad)} of {result.checked} images (data.on_bad_image=skip; listed in "
+        f"{out_dir / 'skipped_images.txt'}):\n{listing}"
+    )
+    return frozenset(result.bad)
+
+
+def load_data(cfg: Config, pre: Preprocess, cache: Path, out_dir: Path) -> Splits:
     train_tf = train_transform(pre, cfg.augment)
     if cfg.data.source == DataSource.synthetic:
         s = cfg.data.synthetic
@@ -106,9 +145,13 @@ def load_data(cfg: Config, pre: Preprocess, cache: Path) -> Splits:
             SyntheticSpec("target", s.classes, s.train_per_class, s.val_per_class, s.image_size, s.seed), cache
         )
     else:
-        root = Path(cfg.data.root)
+        root = Path(cfg.data.root).expanduser()
+        if not (root / "train").is_dir():
+            image_folder_splits(root, None, None, val_fraction=0.5, seed=0)  # raises the layout error
+    exclude = bad_images(cfg, root, cache, out_dir)
     return image_folder_splits(
-        root, train_tf, eval_transform(pre), val_fraction=cfg.data.val_fraction, seed=cfg.trainer.seed
+        root, train_tf, eval_transform(pre), val_fraction=cfg.data.val_fraction, seed=cfg.trainer.seed,
+        exclude=exclude,
     )
 
 
@@ -135,7 +178,7 @@ class Setup:
     pre: Preprocess
 
 
-def prepare(cfg: Config) -> Setup:
+def prepare(cfg: Config, out_dir: Path) -> Setup:
     """Weights and preprocessing, then data, then the model sized for its classes."""
     device = pick_device(cfg.trainer.device)
     precision = pick_precision(cfg.trainer.amp, device)
@@ -149,7 +192,7 @@ def prepare(cfg: Config) -> Setup:
     else:
         choice = resolve_weights(cfg.model.name, cfg.model.weights)
     pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
-    splits = load_data(cfg, pre, cache)
+    splits = load_data(cfg, pre, cache, out_dir)
     built = create_model(
         cfg.model.name,
         choice,
@@ -192,7 +235,7 @@ def preview_augmentation(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     synthetic = cfg.model.weights == "synthetic"
     choice = WeightsChoice("none") if synthetic else resolve_weights(cfg.model.name, cfg.model.weights)
     pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
-    splits = load_data(cfg, pre, cache_dir(cfg.cache_dir))
+    splits = load_data(cfg, pre, cache_dir(cfg.cache_dir), out_dir)
     path = write_preview(
         splits.train, splits.classes, pre, out_dir / "augment_preview.png",
         count=cfg.preview_images, seed=cfg.trainer.seed, mixer=make_mixer(cfg.augment, len(splits.classes)),
@@ -204,13 +247,35 @@ def preview_augmentation(cfg: Config, out_dir: Path) -> Dict[str, Any]:
     return summary
 
 
-def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[str] = None) -> Dict[str, Any]:
+def interrupted(exc: Interrupted, summary: Dict[str, Any], out_dir: Path, command: str, started: float) -> Dict[str, Any]:
+    """Record the interruption, say how to resume, and exit 130 (SIGINT) or 143 (SIGTERM)."""
+    last = out_dir / "checkpoints" / "last.pt"
+    summary.update({"status": "interrupted", "error": str(exc), "total_seconds": time.perf_counter() - started})
+    atomic_json(summary, out_dir / "summary.json")
+    if last.is_file():
+        done = summary.get("epochs_run", 0)
+        log.warning(
+            f"Interrupted ({exc}); that epoch is abandoned. Epochs 1-{done} are saved in {last}. Resume with:\n"
+            f"  {command} trainer.resume={last}"
+        )
+    else:
+        log.warning(f"Interrupted ({exc}) before the first epoch ended: nothing to resume. Run again: {command}")
+    raise SystemExit(exc.exit_code)
+
+
+def run(
+    cfg: Config,
+    out_dir: Path,
+    resolved: Dict[str, Any],
+    label: Optional[str] = None,
+    command: str = "finetune-cli",
+) -> Dict[str, Any]:
     started = time.perf_counter()
     check(cfg)
-    seed_everything(cfg.trainer.seed)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, out_dir)
-    s = prepare(cfg)
+    s = prepare(cfg, out_dir)
     model, groups, splits = s.built.model, s.built.groups, s.splits
     atomic_json(splits.classes, out_dir / "classes.json")
 
@@ -286,8 +351,15 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
     }
     rewarmup_steps = int(round(cfg.strategy.rewarmup_epochs * len(train_loader)))
     start = 1
-    if cfg.trainer.resume:
-        ckpt = load_resume(cfg.trainer.resume, cfg.model.name, splits.classes)
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        own = out_dir / "checkpoints" / "last.pt"
+        resume = str(own) if own.is_file() else None
+        if resume is None:
+            log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
+                     "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
+    if resume:
+        ckpt = load_resume(resume, cfg.model.name, splits.classes)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -306,99 +378,119 @@ def run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[st
     setup_seconds = time.perf_counter() - started
     train_images, train_seconds = 0, 0.0
 
-    for epoch in range(start, controller.epochs + 1):
-        events = controller.begin_epoch(epoch)
-        if events:
-            apply_freezing(groups, controller.mask(), cfg.strategy.bn)
-            if rewarmup_steps:
-                schedule.rewarmup(rewarmup_steps)
-        schedule.set_multiplier(controller.lr_mult)
-        lrs_now = group_lrs(optimizer)  # the LRs this epoch starts with
-        trainable_now = count_params(model)[0]
-        for event in events:
-            log.info(f"epoch {epoch}: {event}")
-        tr = train_one_epoch(
-            model, train_loader, optimizer, criterion, s.device,
-            step_schedule=schedule.step_batch, precision=s.precision, scaler=scaler,
-            grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty, mix=mixer,
-            progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
-        )
-        va = evaluate(model, val_loader, criterion, s.device, precision=s.precision, progress=s.progress)
-        monitored = va.acc if maximize else va.loss
-        schedule.step_epoch(monitored)
-        improved = tracker.update(monitored, epoch)
-        after = controller.end_epoch(epoch, monitored, model)
-        if after:
-            apply_freezing(groups, controller.mask(), cfg.strategy.bn)
-            schedule.set_multiplier(controller.lr_mult)
-            if rewarmup_steps and any(e.startswith(("unfroze", "stage")) for e in after):
-                schedule.rewarmup(rewarmup_steps)
-        train_images += tr.images
-        train_seconds += tr.seconds
-        row: Dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": tr.loss,
-            "train_acc": tr.acc,
-            "val_loss": va.loss,
-            "val_acc": va.acc,
-            "lr": lrs_now[names[-1]],
-            **{f"lr_{name}": lrs_now[name] for name in names},
-            "epoch_seconds": tr.seconds + va.seconds,
-            "train_images_per_s": tr.images_per_s,
-            "trainable_params": trainable_now,
-            "trainable_groups": controller.k,
-            "events": "; ".join(events + after),
-        }
-        metrics.append(row)
+    stop = GracefulStop()
+    try:
+        with stop:
+            for epoch in range(start, controller.epochs + 1):
+                events = controller.begin_epoch(epoch)
+                if events:
+                    apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+                    if rewarmup_steps:
+                        schedule.rewarmup(rewarmup_steps)
+                schedule.set_multiplier(controller.lr_mult)
+                lrs_now = group_lrs(optimizer)  # the LRs this epoch starts with
+                trainable_now = count_params(model)[0]
+                for event in events:
+                    log.info(f"epoch {epoch}: {event}")
+                try:
+                    tr = train_one_epoch(
+                        model, train_loader, optimizer, criterion, s.device,
+                        step_schedule=schedule.step_batch, precision=s.precision, scaler=scaler,
+                        grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty, mix=mixer,
+                        should_stop=stop.requested, progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
+                    )
+                    va = evaluate(model, val_loader, criterion, s.device, precision=s.precision,
+                                  should_stop=stop.requested, progress=s.progress)
+                except RuntimeError:
+                    if stop.requested():  # loader workers got the signal too
+                        raise Interrupted(stop.signum, epoch) from None
+                    raise
+                if tr.interrupted or va.interrupted:
+                    raise Interrupted(stop.signum, epoch)
+                monitored = va.acc if maximize else va.loss
+                if not math.isfinite(monitored):
+                    raise FinetuneError(
+                        f"The validation {cfg.trainer.monitor.value} became {monitored} at epoch {epoch}. Lower optimizer.lr "
+                        "or set trainer.grad_clip; the checkpoints of earlier epochs are kept."
+                    )
+                schedule.step_epoch(monitored)
+                improved = tracker.update(monitored, epoch)
+                after = controller.end_epoch(epoch, monitored, model)
+                if after:
+                    apply_freezing(groups, controller.mask(), cfg.strategy.bn)
+                    schedule.set_multiplier(controller.lr_mult)
+                    if rewarmup_steps and any(e.startswith(("unfroze", "stage")) for e in after):
+                        schedule.rewarmup(rewarmup_steps)
+                train_images += tr.images
+                train_seconds += tr.seconds
+                row: Dict[str, Any] = {
+                    "epoch": epoch,
+                    "train_loss": tr.loss,
+                    "train_acc": tr.acc,
+                    "val_loss": va.loss,
+                    "val_acc": va.acc,
+                    "lr": lrs_now[names[-1]],
+                    **{f"lr_{name}": lrs_now[name] for name in names},
+                    "epoch_seconds": tr.seconds + va.seconds,
+                    "train_images_per_s": tr.images_per_s,
+                    "trainable_params": trainable_now,
+                    "trainable_groups": controller.k,
+                    "events": "; ".join(events + after),
+                }
+                metrics.append(row)
+                if tensorboard is not None:
+                    tensorboard.log_epoch(row)
+                summary["events"] += [{"epoch": epoch, "event": e} for e in events + after]
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "tracker": tracker.state_dict(),
+                    "strategy": controller.state_dict(),
+                    "rng": rng_state(train_loader.generator),
+                    "metrics": row,
+                    "history": metrics.rows,
+                    "events": summary["events"],
+                    **identity,
+                }
+                checkpoints.save(state, best=improved)
+                if cfg.trainer.save_every and epoch % cfg.trainer.save_every == 0:
+                    checkpoints.save_as(state, f"epoch_{epoch:03d}.pt")
+                ui.show_epoch(row, controller.epochs, improved)
+                for event in after:
+                    log.info(f"after epoch {epoch}: {event}")
+                mem, mem_kind = peak_memory(s.device)
+                summary.update(
+                    {
+                        "best": {"monitor": cfg.trainer.monitor.value, "value": tracker.best, "epoch": tracker.best_epoch},
+                        "epochs_run": epoch,
+                        "trainable_params_final": trainable_now,
+                        "total_seconds": time.perf_counter() - started,
+                        "setup_seconds": setup_seconds,
+                        "train_seconds": train_seconds,
+                        "train_images_per_s": train_images / train_seconds if train_seconds else 0.0,
+                        "peak_memory_mb": mem,
+                        "peak_memory_kind": mem_kind,
+                    }
+                )
+                atomic_json(summary, out_dir / "summary.json")
+                if tracker.should_stop:
+                    log.info(
+                        f"Early stopping: {cfg.trainer.monitor.value} did not improve by more than "
+                        f"{cfg.trainer.min_delta} for {tracker.patience} epochs."
+                    )
+                    summary["stopped_early"] = True
+                    break
+                if controller.finished:
+                    summary["stopped_early"] = True
+                    break
+    except Interrupted as exc:
         if tensorboard is not None:
-            tensorboard.log_epoch(row)
-        summary["events"] += [{"epoch": epoch, "event": e} for e in events + after]
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "tracker": tracker.state_dict(),
-            "strategy": controller.state_dict(),
-            "rng": rng_state(train_loader.generator),
-            "metrics": row,
-            "history": metrics.rows,
-            "events": summary["events"],
-            **identity,
-        }
-        checkpoints.save(state, best=improved)
-        if cfg.trainer.save_every and epoch % cfg.trainer.save_every == 0:
-            checkpoints.save_as(state, f"epoch_{epoch:03d}.pt")
-        ui.show_epoch(row, controller.epochs, improved)
-        for event in after:
-            log.info(f"after epoch {epoch}: {event}")
-        mem, mem_kind = peak_memory(s.device)
-        summary.update(
-            {
-                "best": {"monitor": cfg.trainer.monitor.value, "value": tracker.best, "epoch": tracker.best_epoch},
-                "epochs_run": epoch,
-                "trainable_params_final": trainable_now,
-                "total_seconds": time.perf_counter() - started,
-                "setup_seconds": setup_seconds,
-                "train_seconds": train_seconds,
-                "train_images_per_s": train_images / train_seconds if train_seconds else 0.0,
-                "peak_memory_mb": mem,
-                "peak_memory_kind": mem_kind,
-            }
-        )
-        atomic_json(summary, out_dir / "summary.json")
-        if tracker.should_stop:
-            log.info(
-                f"Early stopping: {cfg.trainer.monitor.value} did not improve by more than "
-                f"{cfg.trainer.min_delta} for {tracker.patience} epochs."
-            )
-            summary["stopped_early"] = True
-            break
-        if controller.finished:
-            summary["stopped_early"] = True
-            break
+            tensorboard.close()
+        return interrupted(exc, summary, out_dir, command, started)
 
     if tensorboard is not None:
         tensorboard.close()

@@ -1,12 +1,9 @@
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `helpers` for tests in sub-folders too
 
 
 @pytest.fixture(scope="session")
@@ -18,41 +15,3 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(cache_dir, monkeypatch):
     monkeypatch.setenv("FINETUNE_CLI_CACHE", str(cache_dir))
-
-
-def cli(args, cwd, *, env=None, timeout=900) -> subprocess.CompletedProcess:
-    """Run ``python -m finetune_cli ARGS`` in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune_cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def run_dirs(root: Path):
-    """Run folders under ``root`` (each holds Hydra's .hydra/ folder)."""
-    return sorted(p.parent for p in Path(root).rglob(".hydra"))
-
-
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40, val=True):
-    """A tiny ImageFolder: coloured squares, a different colour per class."""
-    colours = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40)]
-    splits = ("train", "val") if val else ("train",)
-    for split in splits:
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                img = Image.new("RGB", (size + i, size), colours[c % len(colours)])
-                img.save(folder / f"{i}.png")
-    return root
-
-
-TINY = [
-    "data.num_workers=0",
-    "trainer.epochs=1",
-]

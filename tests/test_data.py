@@ -11,7 +11,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.synthetic import SyntheticSpec, class_pool, generate
 from finetune_cli.transforms import Preprocess, eval_transform, train_transform
 
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 PRE = Preprocess(crop_size=32, resize_size=36)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, cli, make_image_folder, run_dirs
+from helpers import TINY, cli, make_image_folder, run_dirs
 
 SMALL = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10", "model.weights=synthetic"]
 

@@ -12,6 +12,7 @@ import torch
 from torchvision.models import get_model_weights
 
 from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import safe_torch_load
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
 RANDOM_NAMES = ("null", "none", "random")
@@ -89,14 +90,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FinetuneError(
-            f"Could not read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-            "Only plain tensors and containers are accepted (weights_only=True); save the file "
-            "with torch.save(model.state_dict(), path) or as .safetensors."
-        ) from None
+    obj = safe_torch_load(path)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -1,0 +1,52 @@
+"""Graceful stop on SIGTERM or Ctrl-C: the run finishes its current step, keeps its last
+complete checkpoint, records the interruption and exits 143 (SIGTERM) or 130 (SIGINT).
+A second signal exits at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Dict, Optional
+
+log = logging.getLogger("finetune_cli")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, epoch: int):
+        super().__init__(f"{signal.Signals(signum).name} during epoch {epoch}")
+        self.signum, self.epoch = signum, epoch
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class GracefulStop:
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # the second signal: no more waiting
+        self.signum = signum
+        log.warning(
+            f"{signal.Signals(signum).name} received: stopping after the current step "
+            "(send it again to quit at once)."
+        )
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,135 @@
+"""Bad data and bad settings: a clear error naming the problem and the remedy, before training."""
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from helpers import cli, make_image_folder, run_dirs
+
+RUN = ["model.weights=null", "data.image_size=32", "data.num_workers=0", "trainer.epochs=1"]
+
+
+def _jpeg_bytes(size=(40, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _dirty_folder(root):
+    make_image_folder(root, classes=("ants", "bees"), per_class=4)
+    train = root / "train"
+    (train / "ants" / "truncated.jpg").write_bytes(_jpeg_bytes()[:300])
+    (train / "ants" / "empty.png").write_bytes(b"")
+    (train / "bees" / "notes.jpg").write_text("this is not an image")
+    Image.new("L", (300, 300), 7).save(train / "bees" / "huge.png")  # over the limit set below
+    return root
+
+
+def test_bad_images_are_listed_by_path_before_training(tmp_path):
+    root = _dirty_folder(tmp_path / "data")
+    proc = cli([f"data.root={root}", "data.max_image_pixels=50000", *RUN], tmp_path)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "4 of 20 images" in out and "data.on_bad_image=skip" in out
+    assert f"{root}/train/ants/empty.png: empty file (0 bytes)" in out
+    assert f"{root}/train/ants/truncated.jpg: unreadable" in out
+    assert f"{root}/train/bees/notes.jpg: unreadable" in out
+    assert f"{root}/train/bees/huge.png: 300x300 = 90,000 pixels, over data.max_image_pixels=50,000" in out
+    assert "Traceback" not in out
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert not (run / "checkpoints").exists() and json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_skip_leaves_bad_images_out_and_lists_them(tmp_path):
+    root = _dirty_folder(tmp_path / "data")
+    proc = cli([f"data.root={root}", "data.max_image_pixels=50000", "data.on_bad_image=skip", *RUN], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "Skipping 4 of 20 images" in proc.stdout
+    (run,) = run_dirs(tmp_path / "outputs")
+    skipped = (run / "skipped_images.txt").read_text().splitlines()
+    assert len(skipped) == 4 and all(line.startswith(str(root)) for line in skipped)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"]["train_images"] == 8 and summary["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "layout, needle",
+    [
+        ("no_classes", "has no class folders"),
+        ("empty_class", "Empty class folder(s)"),
+        ("class_mismatch", "only in train: ['bees']; only in val: ['wasps']"),
+        ("no_train", "has no train/ folder"),
+    ],
+)
+def test_folder_layout_errors(tmp_path, layout, needle):
+    root = tmp_path / "data"
+    if layout == "no_classes":
+        (root / "train").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / "train" / "loose.png")
+    elif layout == "empty_class":
+        make_image_folder(root, classes=("ants", "bees"), per_class=3)
+        (root / "train" / "wasps").mkdir()
+        (root / "val" / "wasps").mkdir()
+    elif layout == "class_mismatch":
+        make_image_folder(root, classes=("ants", "bees"), per_class=3)
+        (root / "val" / "bees").rename(root / "val" / "wasps")
+    else:
+        (root / "images").mkdir(parents=True)
+    proc = cli([f"data.root={root}", *RUN], tmp_path)
+    assert proc.returncode == 1
+    assert needle in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.head=deep", "model.head"),
+        ("model.aux_weight=heavy", "model.aux_weight"),
+        ("data.batch_size=big", "data.batch_size"),
+        ("data.on_bad_image=ignore", "data.on_bad_image"),
+        ("strategy.bn=sometimes", "strategy.bn"),
+        ("strategy.every=often", "strategy.every"),
+        ("optimizer.name=lion", "optimizer.name"),
+        ("schedule.name=linear", "schedule.name"),
+        ("augment.rotation=lots", "augment.rotation"),
+        ("trainer.amp=fp8", "trainer.amp"),
+        ("regularizer.name=dropout", "regularizer.name"),
+        ("logger.name=wandb", "logger.name"),
+        ("experiment=nope", "experiment/nope"),
+        ("model.weights=IMAGENET9K", "Valid choices: DEFAULT, IMAGENET1K_V1"),
+        ("trainer.device=cuda", "no CUDA GPU"),
+        ("augment.erasing_p=1.5", "augment.erasing_p is a probability"),
+    ],
+)
+def test_bad_override_in_every_group_exits_before_any_folder(tmp_path, override, needle):
+    proc = cli(["data=synthetic", override], tmp_path)
+    if override == "trainer.device=cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present here")
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path):
+    import subprocess
+    import sys
+
+    proc = cli(["-m", "optimizer.lr=0.01,-1,0.001", *RUN, "data=synthetic", "data.synthetic.train_per_class=10",
+                "data.synthetic.val_per_class=4"], tmp_path)
+    assert proc.returncode != 0
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    statuses = sorted(json.loads((r / "summary.json").read_text())["status"] for r in run_dirs(sweep))
+    assert statuses == ["completed", "completed", "failed"]
+    report = subprocess.run([sys.executable, "-m", "finetune_cli.report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and "optimizer.lr must be greater than 0" in failed[0]["error"]

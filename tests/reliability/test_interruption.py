@@ -1,0 +1,89 @@
+"""SIGTERM and Ctrl-C on a real training process, and resubmission with trainer.resume=auto."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from helpers import cli
+
+COMMON = ["model.weights=synthetic", "data=synthetic", "data.synthetic.train_per_class=20",
+          "data.synthetic.val_per_class=10", "data.num_workers=0", "trainer.epochs=4", "strategy=full"]
+
+
+def _start(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "finetune_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for(proc, needle, timeout=600):
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, "".join(seen)
+    raise AssertionError("process ended before printing " + repr(needle) + ":\n" + "".join(seen))
+
+
+def test_sigterm_then_resubmit_with_resume_auto_matches_an_uninterrupted_run(tmp_path):
+    assert cli([*COMMON, "hydra.run.dir=outputs/straight"], tmp_path).returncode == 0
+    job = [*COMMON, "hydra.run.dir=outputs/job", "trainer.resume=auto"]
+    proc = _start(job, tmp_path)
+    _wait_for(proc, "epoch   2/4")  # checkpoints of epochs 1-2 are on disk; epoch 3 is under way
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, rest
+    assert "SIGTERM received" in rest and "Resume with:" in rest
+    assert "trainer.resume=" in rest and "hydra.run.dir=outputs/job" in rest  # the resubmission command
+    last = torch.load(tmp_path / "outputs/job/checkpoints/last.pt", weights_only=True)
+    assert last["epoch"] == 2
+
+    again = cli(job, tmp_path)  # the batch scheduler resubmits the same command
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "Resumed from" in again.stdout and "after epoch 2" in again.stdout
+    a = torch.load(tmp_path / "outputs/straight/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "outputs/job/checkpoints/last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    rows_a = list(csv.DictReader((tmp_path / "outputs/straight/metrics.csv").open()))
+    rows_b = list(csv.DictReader((tmp_path / "outputs/job/metrics.csv").open()))
+    for col in ("epoch", "train_loss", "val_loss", "val_acc", "lr_head"):
+        assert [r[col] for r in rows_a] == [r[col] for r in rows_b], col
+
+
+def test_ctrl_c_stops_cleanly_and_records_the_interruption(tmp_path):
+    import json
+
+    proc = _start([*COMMON, "hydra.run.dir=outputs/run"], tmp_path)
+    _wait_for(proc, "epoch   1/4")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    summary = json.loads((tmp_path / "outputs/run/summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGINT during epoch 2" in summary["error"]
+    assert (tmp_path / "outputs/run/checkpoints/last.pt").is_file()
+    assert len(list(csv.DictReader((tmp_path / "outputs/run/metrics.csv").open()))) == 1
+    assert "Traceback" not in out
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    code = (
+        "import os, signal, time\n"
+        "from finetune_cli.shutdown import GracefulStop\n"
+        "with GracefulStop() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert stop.requested()\n"
+        "    print('first signal noted', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+        "    print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 130
+    assert "first signal noted" in proc.stdout and "not reached" not in proc.stdout
