@@ -263,6 +263,103 @@ def interrupted(exc: Interrupted, summary: Dict[str, Any], out_dir: Path, comman
     raise SystemExit(exc.exit_code)
 
 
+def show_plan(cfg: Config, s: Setup, controller: Controller, lrs: List[float], label: Optional[str],
+              out_dir: Path) -> Dict[str, Any]:
+    """Print the plan (groups, trainable, LRs, BN, timeline) and return the run's first summary."""
+    splits = s.splits
+    trainable, total = count_params(s.built.model)
+    rows = plan_rows(s.built.groups, controller, [lr * controller.lr_mult for lr in lrs], cfg.strategy.bn)
+    notes = list(s.built.notes)
+    if controller.decision:
+        notes.insert(0, f"auto strategy: {controller.decision['reason']} -> {controller.decision['chose']}")
+    notes += [f"Timeline: {step}" for step in controller.timeline()]
+    notes.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
+    if cfg.regularizer.name != RegularizerName.none:
+        notes.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
+    ui.show_plan(
+        f"Plan: {cfg.model.name} ({s.built.weights}), strategy={label or controller.kind.value}, "
+        f"{len(splits.classes)} classes, {controller.epochs} epochs, device={s.device.type}, precision={s.precision.name}",
+        rows, trainable, total, notes,
+    )
+    return {
+        "status": "planned" if cfg.plan else "running",
+        "model": cfg.model.name,
+        "weights": s.built.weights,
+        "strategy": label or cfg.strategy.name.value,
+        "strategy_kind": controller.kind.value,
+        "auto": controller.decision,
+        "timeline": controller.timeline(),
+        "regularizer": cfg.regularizer.name.value,
+        "dataset": {
+            "name": cfg.data.source.value,
+            "root": str(splits.root),
+            "classes": len(splits.classes),
+            "train_images": len(splits.train),
+            "val_images": len(splits.val),
+        },
+        "device": s.device.type,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "groups": rows,
+        "events": [],
+        "output_dir": str(out_dir),
+    }
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and a resume restores, in one place."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: Optional[torch.amp.GradScaler]
+    tracker: MetricTracker
+    controller: Controller
+    loader_generator: torch.Generator
+
+    def checkpoint(self, epoch: int, **extra: Any) -> Dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "tracker": self.tracker.state_dict(),
+            "strategy": self.controller.state_dict(),
+            "rng": rng_state(self.loader_generator),
+            **extra,
+        }
+
+    def restore(self, ckpt: Dict[str, Any]) -> int:
+        """Load a checkpoint; returns the first epoch still to run. The optimizer goes before the
+        schedule, whose gate sits on the optimizer's LRs; the random streams go last."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.tracker.load_state_dict(ckpt["tracker"])
+        self.controller.load_state_dict(ckpt["strategy"])
+        set_rng_state(ckpt["rng"], self.loader_generator)
+        return int(ckpt["epoch"]) + 1
+
+
+def find_resume(cfg: Config, out_dir: Path, classes: List[str]) -> Optional[Dict[str, Any]]:
+    """The checkpoint to continue from: trainer.resume, or with ``auto`` this folder's last.pt."""
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        own = out_dir / "checkpoints" / "last.pt"
+        if not own.is_file():
+            log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
+                     "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
+            return None
+        resume = str(own)
+    return load_resume(resume, cfg.model.name, classes) if resume else None
+
+
 def run(
     cfg: Config,
     out_dir: Path,
@@ -288,92 +385,38 @@ def run(
                         cfg.strategy.group_lrs)
     apply_freezing(groups, controller.mask(), cfg.strategy.bn)
     optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay))
-    trainable, total = count_params(model)
-    rows = plan_rows(groups, controller, [lr * controller.lr_mult for lr in lrs], cfg.strategy.bn)
-    notes = list(s.built.notes)
-    if controller.decision:
-        notes.insert(0, f"auto strategy: {controller.decision['reason']} -> {controller.decision['chose']}")
-    notes += [f"Timeline: {step}" for step in controller.timeline()]
-    notes.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
-    if cfg.regularizer.name != RegularizerName.none:
-        notes.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
-    ui.show_plan(
-        f"Plan: {cfg.model.name} ({s.built.weights}), strategy={label or controller.kind.value}, "
-        f"{len(splits.classes)} classes, {controller.epochs} epochs, device={s.device.type}, precision={s.precision.name}",
-        rows, trainable, total, notes,
-    )
-    summary: Dict[str, Any] = {
-        "status": "planned" if cfg.plan else "running",
-        "model": cfg.model.name,
-        "weights": s.built.weights,
-        "strategy": label or cfg.strategy.name.value,
-        "strategy_kind": controller.kind.value,
-        "auto": controller.decision,
-        "timeline": controller.timeline(),
-        "regularizer": cfg.regularizer.name.value,
-        "dataset": {
-            "name": cfg.data.source.value,
-            "root": str(splits.root),
-            "classes": len(splits.classes),
-            "train_images": len(splits.train),
-            "val_images": len(splits.val),
-        },
-        "device": s.device.type,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_pct": 100.0 * trainable / max(total, 1),
-        "groups": rows,
-        "events": [],
-        "output_dir": str(out_dir),
-    }
+    summary = show_plan(cfg, s, controller, lrs, label, out_dir)
     if cfg.plan:
         atomic_json(summary, out_dir / "summary.json")
         return summary
 
+    # the loop's parts
     penalty = build_regularizer(cfg, s)
     tensorboard = TensorBoardLogger(out_dir / "tensorboard") if cfg.logger.name == LoggerName.tensorboard else None
-    bs, pin = cfg.data.batch_size, s.device.type == "cuda"
-    train_loader = make_loader(splits.train, batch_size=bs, num_workers=s.workers, train=True, seed=cfg.trainer.seed, pin_memory=pin)
-    val_loader = make_loader(splits.val, batch_size=bs, num_workers=s.workers, train=False, seed=cfg.trainer.seed, pin_memory=pin)
+    bs, pin, seed = cfg.data.batch_size, s.device.type == "cuda", cfg.trainer.seed
+    train_loader = make_loader(splits.train, batch_size=bs, num_workers=s.workers, train=True, seed=seed, pin_memory=pin)
+    val_loader = make_loader(splits.val, batch_size=bs, num_workers=s.workers, train=False, seed=seed, pin_memory=pin)
     schedule = Schedule(cfg.schedule, optimizer, epochs=controller.epochs, steps_per_epoch=len(train_loader),
                         monitor=cfg.trainer.monitor)
-    scaler = s.precision.scaler(s.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     mixer = make_mixer(cfg.augment, len(splits.classes))
     tracker = MetricTracker(cfg.trainer.monitor, cfg.trainer.patience, cfg.trainer.min_delta)
+    state = TrainState(model, optimizer, schedule, s.precision.scaler(s.device), tracker, controller,
+                       train_loader.generator)
     metrics = MetricsWriter(out_dir / "metrics.csv")
     checkpoints = Checkpointer(out_dir / "checkpoints")
-    identity = {  # what a checkpoint needs to be used on its own
-        "model_name": cfg.model.name,
-        "classes": splits.classes,
-        "preprocess": s.pre.to_dict(),
-        "config": resolved,
-    }
+    identity = {"model_name": cfg.model.name, "classes": splits.classes, "preprocess": s.pre.to_dict(), "config": resolved}
     rewarmup_steps = int(round(cfg.strategy.rewarmup_epochs * len(train_loader)))
+
     start = 1
-    resume = cfg.trainer.resume
-    if resume == "auto":
-        own = out_dir / "checkpoints" / "last.pt"
-        resume = str(own) if own.is_file() else None
-        if resume is None:
-            log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
-                     "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
-    if resume:
-        ckpt = load_resume(resume, cfg.model.name, splits.classes)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        tracker.load_state_dict(ckpt["tracker"])
-        controller.load_state_dict(ckpt["strategy"])
+    ckpt = find_resume(cfg, out_dir, splits.classes)
+    if ckpt:
+        start = state.restore(ckpt)
         apply_freezing(groups, controller.mask(), cfg.strategy.bn)
         for row in ckpt.get("history", []):
             metrics.append(row)
         summary["events"] = ckpt.get("events", [])
         summary["resumed_from"] = ckpt["path"]
-        set_rng_state(ckpt["rng"], train_loader.generator)
-        start = ckpt["epoch"] + 1
         log.info(f"Resumed from {ckpt['path']} after epoch {ckpt['epoch']}: {controller.describe_k(controller.k)} train.")
     setup_seconds = time.perf_counter() - started
     train_images, train_seconds = 0, 0.0
@@ -382,6 +425,7 @@ def run(
     try:
         with stop:
             for epoch in range(start, controller.epochs + 1):
+                # the strategy's phase for this epoch
                 events = controller.begin_epoch(epoch)
                 if events:
                     apply_freezing(groups, controller.mask(), cfg.strategy.bn)
@@ -392,10 +436,12 @@ def run(
                 trainable_now = count_params(model)[0]
                 for event in events:
                     log.info(f"epoch {epoch}: {event}")
+
+                # train and validate
                 try:
                     tr = train_one_epoch(
                         model, train_loader, optimizer, criterion, s.device,
-                        step_schedule=schedule.step_batch, precision=s.precision, scaler=scaler,
+                        step_schedule=schedule.step_batch, precision=s.precision, scaler=state.scaler,
                         grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty, mix=mixer,
                         should_stop=stop.requested, progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
                     )
@@ -410,9 +456,11 @@ def run(
                 monitored = va.acc if maximize else va.loss
                 if not math.isfinite(monitored):
                     raise FinetuneError(
-                        f"The validation {cfg.trainer.monitor.value} became {monitored} at epoch {epoch}. Lower optimizer.lr "
-                        "or set trainer.grad_clip; the checkpoints of earlier epochs are kept."
+                        f"The validation {cfg.trainer.monitor.value} became {monitored} at epoch {epoch}. Lower "
+                        "optimizer.lr or set trainer.grad_clip; the checkpoints of earlier epochs are kept."
                     )
+
+                # bookkeeping: schedule, best metric, the strategy's next phase
                 schedule.step_epoch(monitored)
                 improved = tracker.update(monitored, epoch)
                 after = controller.end_epoch(epoch, monitored, model)
@@ -423,6 +471,8 @@ def run(
                         schedule.rewarmup(rewarmup_steps)
                 train_images += tr.images
                 train_seconds += tr.seconds
+
+                # files: metrics.csv, checkpoints, summary.json
                 row: Dict[str, Any] = {
                     "epoch": epoch,
                     "train_loss": tr.loss,
@@ -441,24 +491,10 @@ def run(
                 if tensorboard is not None:
                     tensorboard.log_epoch(row)
                 summary["events"] += [{"epoch": epoch, "event": e} for e in events + after]
-                state = {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "tracker": tracker.state_dict(),
-                    "strategy": controller.state_dict(),
-                    "rng": rng_state(train_loader.generator),
-                    "metrics": row,
-                    "history": metrics.rows,
-                    "events": summary["events"],
-                    **identity,
-                }
-                checkpoints.save(state, best=improved)
+                saved = state.checkpoint(epoch, metrics=row, history=metrics.rows, events=summary["events"], **identity)
+                checkpoints.save(saved, best=improved)
                 if cfg.trainer.save_every and epoch % cfg.trainer.save_every == 0:
-                    checkpoints.save_as(state, f"epoch_{epoch:03d}.pt")
+                    checkpoints.save_as(saved, f"epoch_{epoch:03d}.pt")
                 ui.show_epoch(row, controller.epochs, improved)
                 for event in after:
                     log.info(f"after epoch {epoch}: {event}")

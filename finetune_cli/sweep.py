@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 
 from rich.table import Table
 
-from finetune_cli.ui import _render
+from finetune_cli.ui import render
 
 
 def _job_number(path: Path) -> int:
@@ -51,4 +51,4 @@ def show_sweep(sweep_dir: Path) -> None:
             f"{r['train_seconds']:.1f}" if "train_seconds" in r else "-",
             "-" if start is None else (f"{100 * start / total:.1f}" + ("" if end == start else f" -> {100 * end / total:.1f}")),
         )
-    print(_render(table), flush=True)
+    print(render(table), flush=True)

@@ -21,7 +21,7 @@ def interactive() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def _render(table: Table) -> str:
+def render(table: Table) -> str:
     console = Console(width=110, force_terminal=False, color_system=None, record=True, file=None)
     with console.capture() as cap:
         console.print(table)
@@ -42,7 +42,7 @@ def show_plan(title: str, rows: Sequence[Dict[str, Any]], trainable: int, total:
         table.add_column(col, justify=justify)
     for r in rows:
         table.add_row(r["group"], fmt_params(r["params"]), r["status"], r["lr"], r["bn"])
-    log.info(_render(table))
+    log.info(render(table))
     pct = 100.0 * trainable / max(total, 1)
     log.info(f"Trainable: {trainable:,} / {total:,} ({pct:.1f}%)")
     for note in notes:
@@ -79,4 +79,4 @@ def show_result(summary: Dict[str, Any]) -> None:
     ]
     for k, v in rows:
         table.add_row(k, v)
-    log.info(_render(table))
+    log.info(render(table))
