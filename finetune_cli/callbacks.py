@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune_cli.config import Monitor
-from finetune_cli.io_utils import atomic_csv, atomic_torch_save
+from finetune_cli.io_utils import atomic_copy, atomic_csv, atomic_torch_save
 
 
 @dataclass
@@ -70,8 +70,9 @@ class Checkpointer:
 
     def save(self, state: Dict[str, Any], *, best: bool) -> None:
         atomic_torch_save(state, self.folder / "last.pt")
-        if best:
-            atomic_torch_save(state, self.folder / "best.pt")
+        if best:  # the same bytes: copied, not serialized again
+            atomic_copy(self.folder / "last.pt", self.folder / "best.pt")
 
-    def save_as(self, state: Dict[str, Any], name: str) -> None:
-        atomic_torch_save(state, self.folder / name)
+    def keep_as(self, name: str) -> None:
+        """Keep a copy of the latest checkpoint under another name (trainer.save_every)."""
+        atomic_copy(self.folder / "last.pt", self.folder / name)

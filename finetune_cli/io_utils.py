@@ -6,20 +6,22 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, List
 
 import torch
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,10 +31,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """Streams straight into the temporary file: no second copy of a large model in memory."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    with open(src, "rb") as source:
+        _atomic(dst, lambda f: shutil.copyfileobj(source, f, 16 * 2**20))
 
 
 def atomic_json(obj: Any, path: Path) -> None:

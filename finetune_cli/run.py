@@ -494,7 +494,7 @@ def run(
                 saved = state.checkpoint(epoch, metrics=row, history=metrics.rows, events=summary["events"], **identity)
                 checkpoints.save(saved, best=improved)
                 if cfg.trainer.save_every and epoch % cfg.trainer.save_every == 0:
-                    checkpoints.save_as(saved, f"epoch_{epoch:03d}.pt")
+                    checkpoints.keep_as(f"epoch_{epoch:03d}.pt")
                 ui.show_epoch(row, controller.epochs, improved)
                 for event in after:
                     log.info(f"after epoch {epoch}: {event}")
