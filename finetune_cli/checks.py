@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune_cli.config import Config, DataSource, Device
 from finetune_cli.data import resolve_workers
 from finetune_cli.errors import FinetuneError
+from finetune_cli.features import parse_switch
 from finetune_cli.models.factory import check_model_name
 from finetune_cli.models.weights import resolve_weights
 from finetune_cli.synthetic import class_pool
@@ -61,6 +62,8 @@ def problems(cfg: Config) -> List[str]:
     if not found and cfg.model.weights != "synthetic":
         attempt(lambda: resolve_weights(cfg.model.name, cfg.model.weights))
     attempt(lambda: resolve_workers(cfg.data.num_workers))
+    attempt(lambda: parse_switch(cfg.data.cache_features, "data.cache_features"))
+    attempt(lambda: parse_switch(cfg.trainer.channels_last, "trainer.channels_last"))
     if cfg.data.source == DataSource.imagefolder:
         if not cfg.data.root:
             found.append(

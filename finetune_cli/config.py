@@ -146,6 +146,10 @@ class DataConfig:
     check_images: bool = True  # decode every image once before training (results cached)
     on_bad_image: BadImage = BadImage.error
     max_image_pixels: int = 89_478_485  # larger images count as decompression bombs (Pillow's limit)
+    # auto: when only the head trains, compute the frozen network's output once (validation
+    # always; training too when its transform is deterministic); true: demand it; false: never
+    cache_features: str = "auto"
+    reduced_decode: bool = True  # decode large JPEGs at a reduced scale still >= the size needed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -250,6 +254,8 @@ class TrainerConfig:
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     amp: Amp = Amp.auto
+    channels_last: str = "auto"  # NHWC memory layout: auto = on CUDA, or true / false
+    compile: bool = False  # torch.compile the model for training and validation
     grad_clip: Optional[float] = None  # max gradient norm
     label_smoothing: float = 0.0
     monitor: Monitor = Monitor.val_acc  # chooses best.pt and drives early stopping

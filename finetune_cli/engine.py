@@ -56,6 +56,12 @@ def split_outputs(out) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     return out, []
 
 
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    if channels_last and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 def _bar(loader, progress: bool, desc: str):
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
 
@@ -77,17 +83,22 @@ def train_one_epoch(
     should_stop: Callable[[], bool] = lambda: False,
     progress: bool = False,
     desc: str = "train",
+    channels_last: bool = False,
+    check_every: int = 1,
 ) -> EpochResult:
+    """One pass over ``loader``. The loss is checked for NaN/inf every ``check_every`` steps
+    (each check waits for the device; on CUDA the tool checks every 50 steps)."""
     model.train()
     params: Sequence[torch.Tensor] = [
         p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
     ]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     seen = 0
     start = time.perf_counter()
     for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)  # soft targets from here on
@@ -98,12 +109,9 @@ def train_one_epoch(
                 loss = loss + aux_weight * criterion(a, targets)
             if penalty is not None:
                 loss = loss + penalty()
-        if not torch.isfinite(loss):
-            raise FinetuneError(
-                f"The training loss became {loss.item()} at step {step} of {desc}. Lower "
-                "optimizer.lr, set trainer.grad_clip (e.g. 1.0), or check the data. The "
-                "checkpoints written so far are kept."
-            )
+        finite &= torch.isfinite(loss.detach())
+        if (step + 1) % check_every == 0:
+            _check_finite(finite, loss, step, check_every, desc)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -124,6 +132,8 @@ def train_one_epoch(
         seen += n
         if should_stop():
             break
+    if seen:
+        _check_finite(finite, loss, step, check_every, desc)
     seconds = time.perf_counter() - start
     return EpochResult(
         loss=(total_loss / max(seen, 1)).item(),
@@ -132,6 +142,16 @@ def train_one_epoch(
         seconds=seconds,
         interrupted=should_stop(),
     )
+
+
+def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str) -> None:
+    if not bool(finite):
+        what = f"{loss.item()} at step {step}" if every == 1 else f"nan or inf in the {every} steps up to step {step}"
+        raise FinetuneError(
+            f"The training loss became {what} of {desc}. Lower "
+            "optimizer.lr, set trainer.grad_clip (e.g. 1.0), or check the data. The checkpoints written so "
+            "far are kept."
+        )
 
 
 @torch.inference_mode()
@@ -145,6 +165,7 @@ def evaluate(
     should_stop: Callable[[], bool] = lambda: False,
     progress: bool = False,
     desc: str = "val",
+    channels_last: bool = False,
 ) -> EpochResult:
     model.eval()
     total_loss = torch.zeros((), device=device)
@@ -152,7 +173,7 @@ def evaluate(
     seen = 0
     start = time.perf_counter()
     for images, targets in _bar(loader, progress, desc):
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast(device):
             logits, _ = split_outputs(model(images))

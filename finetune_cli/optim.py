@@ -58,11 +58,13 @@ def param_groups(
     return out
 
 
-def build_optimizer(cfg: OptimizerConfig, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, groups: List[Dict[str, Any]], fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: one kernel per step for all parameters (CUDA); else PyTorch's default (foreach)."""
+    extra = {"fused": True} if fused else {}
     if cfg.name == OptimizerName.sgd:
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **extra)
     cls = torch.optim.AdamW if cfg.name == OptimizerName.adamw else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **extra)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:

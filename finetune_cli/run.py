@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import random
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +21,25 @@ from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
 from finetune_cli.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, resolve_checkpoint
 from finetune_cli.checks import check
 from finetune_cli.config import (
-    Amp, BadImage, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName,
+    Amp, AugmentName, BadImage, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName,
 )
 from finetune_cli.data_check import check_images, describe
 from finetune_cli.data import (
     Splits, class_files, image_folder, image_folder_splits, make_loader, resolve_workers, split_dirs,
 )
 from finetune_cli.engine import Precision, evaluate, train_one_epoch
+from finetune_cli.features import (
+    CacheDecision, FeatureLoader, FeatureStore, TailMismatch, cache_key, decide, extract, parse_switch, summary_of,
+    train_blockers, updating_batchnorms,
+)
+from finetune_cli.memory import peak_memory, state_bytes
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.mixing import make_mixer
 from finetune_cli.models import BuiltModel, HeadSpec, count_params, create_model, resolve_weights
 from finetune_cli.models.factory import head_prefixes, preprocess_for
+from finetune_cli.models.groups import head_paths
+from finetune_cli.models.tail import Tail, find_tail
 from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.optim import Schedule, build_optimizer, group_lrs, layerwise_lrs, param_groups
 from finetune_cli.paths import cache_dir
@@ -106,12 +112,6 @@ def pick_precision(amp: Amp, device: torch.device) -> Precision:
     return Precision(torch.bfloat16)
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS"
-
-
 def bad_images(cfg: Config, root: Path, cache: Path, out_dir: Path) -> frozenset:
     """Check every image before training; stop, or leave the bad ones out (data.on_bad_image)."""
     if not cfg.data.check_images:
@@ -176,12 +176,25 @@ class Setup:
     splits: Splits
     built: BuiltModel
     pre: Preprocess
+    channels_last: bool = False
+
+
+def speed_switches(device: torch.device, deterministic: bool, channels_last: str) -> bool:
+    """On CUDA: cuDNN autotuning (unless deterministic) and TF32 matmuls. Returns whether
+    inputs and weights use the channels-last layout (trainer.channels_last; auto = on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    choice = parse_switch(channels_last, "trainer.channels_last")
+    return device.type == "cuda" if choice is None else choice
 
 
 def prepare(cfg: Config, out_dir: Path) -> Setup:
     """Weights and preprocessing, then data, then the model sized for its classes."""
     device = pick_device(cfg.trainer.device)
     precision = pick_precision(cfg.trainer.amp, device)
+    channels_last = speed_switches(device, cfg.trainer.deterministic, cfg.trainer.channels_last)
     workers = resolve_workers(cfg.data.num_workers)
     cache = cache_dir(cfg.cache_dir)
     progress = ui.interactive()
@@ -203,7 +216,9 @@ def prepare(cfg: Config, out_dir: Path) -> Setup:
         progress=progress,
     )
     built.model.to(device)
-    return Setup(device, precision, workers, progress, splits, built, pre)
+    if channels_last:
+        built.model.to(memory_format=torch.channels_last)
+    return Setup(device, precision, workers, progress, splits, built, pre, channels_last)
 
 
 def build_regularizer(cfg: Config, s: Setup) -> Optional[AnchorPenalty]:
@@ -264,7 +279,7 @@ def interrupted(exc: Interrupted, summary: Dict[str, Any], out_dir: Path, comman
 
 
 def show_plan(cfg: Config, s: Setup, controller: Controller, lrs: List[float], label: Optional[str],
-              out_dir: Path) -> Dict[str, Any]:
+              out_dir: Path, more_notes: List[str]) -> Dict[str, Any]:
     """Print the plan (groups, trainable, LRs, BN, timeline) and return the run's first summary."""
     splits = s.splits
     trainable, total = count_params(s.built.model)
@@ -276,9 +291,11 @@ def show_plan(cfg: Config, s: Setup, controller: Controller, lrs: List[float], l
     notes.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
     if cfg.regularizer.name != RegularizerName.none:
         notes.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
+    notes += more_notes
     ui.show_plan(
         f"Plan: {cfg.model.name} ({s.built.weights}), strategy={label or controller.kind.value}, "
-        f"{len(splits.classes)} classes, {controller.epochs} epochs, device={s.device.type}, precision={s.precision.name}",
+        f"{len(splits.classes)} classes, {controller.epochs} epochs, device={s.device.type}, precision={s.precision.name}"
+        + (", channels_last" if s.channels_last else ""),
         rows, trainable, total, notes,
     )
     return {
@@ -298,6 +315,9 @@ def show_plan(cfg: Config, s: Setup, controller: Controller, lrs: List[float], l
             "val_images": len(splits.val),
         },
         "device": s.device.type,
+        "precision": s.precision.name,
+        "channels_last": s.channels_last,
+        "compiled": cfg.trainer.compile,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
@@ -360,6 +380,41 @@ def find_resume(cfg: Config, out_dir: Path, classes: List[str]) -> Optional[Dict
     return load_resume(resume, cfg.model.name, classes) if resume else None
 
 
+def plan_cache(cfg: Config, s: Setup, tail: Tail, controller: Controller, tail_ok: bool = True) -> CacheDecision:
+    """What data.cache_features gives this run (call with the freezing applied)."""
+    model = s.built.model
+    model.train()  # the modes training will see; frozen layers stay in eval
+    random_augment = cfg.augment.name.value if cfg.augment.name != AugmentName.none else None
+    mixing = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
+    return decide(
+        parse_switch(cfg.data.cache_features, "data.cache_features"),
+        frozen_below_head=controller.max_k == 0,
+        tail_ok=tail_ok,
+        bn_updating=updating_batchnorms(model, tail),
+        aux=len(head_paths(model, s.built.family)) > 1 and cfg.model.aux_logits,
+        blockers=train_blockers(model, tail, random_augment=random_augment, mixing=mixing),
+    )
+
+
+def cached_features(s: Setup, tail: Tail, decision: CacheDecision, out_dir: Path, batch_size: int) -> Dict[str, Any]:
+    """The frozen network's outputs for the splits the decision caches, from the run folder when
+    they are there for the same weights, files and transform, else computed now."""
+    store = FeatureStore(out_dir / "features")
+    splits = {"train": s.splits.train} if decision.train else {}
+    splits["val"] = s.splits.val
+    parts = {}
+    for name, data in splits.items():
+        loader = make_loader(data, batch_size=batch_size, num_workers=s.workers, train=False, seed=0,
+                             pin_memory=s.device.type == "cuda")
+        key = cache_key(s.built.model, tail, data, s.precision)
+        parts[name] = store.get(name, key, lambda: extract(s.built.model, tail, loader, s.device, s.precision,
+                                                           s.progress, f"features ({name})"))
+        f = parts[name]
+        how = "read back from" if f.seconds == 0 else f"computed in {f.seconds:.1f}s into"
+        log.info(f"Feature cache: {len(f.targets)} {name} images x {tuple(f.features.shape[1:])} {how} {f.path}")
+    return parts
+
+
 def run(
     cfg: Config,
     out_dir: Path,
@@ -384,8 +439,11 @@ def run(
     lrs = layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(groups), controller.lr_decay,
                         cfg.strategy.group_lrs)
     apply_freezing(groups, controller.mask(), cfg.strategy.bn)
-    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay))
-    summary = show_plan(cfg, s, controller, lrs, label, out_dir)
+    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay),
+                                fused=s.device.type == "cuda")
+    tail = find_tail(model, s.built.family, groups)
+    caching = plan_cache(cfg, s, tail, controller)
+    summary = show_plan(cfg, s, controller, lrs, label, out_dir, [caching.describe(tail)])
     if cfg.plan:
         atomic_json(summary, out_dir / "summary.json")
         return summary
@@ -418,8 +476,34 @@ def run(
         summary["events"] = ckpt.get("events", [])
         summary["resumed_from"] = ckpt["path"]
         log.info(f"Resumed from {ckpt['path']} after epoch {ckpt['epoch']}: {controller.describe_k(controller.k)} train.")
+
+    # what the epochs run on: the whole model over images, or the tail over cached features
+    step_model: nn.Module = torch.compile(model) if cfg.trainer.compile else model
+    train_iter: Any = train_loader
+    val_model, val_iter = step_model, val_loader
+    if caching.val:
+        try:
+            parts = cached_features(s, tail, caching, out_dir, bs)
+        except TailMismatch as exc:
+            log.warning(f"Feature cache off: {exc}.")
+            caching = plan_cache(cfg, s, tail, controller, tail_ok=False)
+            parts = {}
+        if "train" in parts:
+            step_model = tail.module
+            train_iter = FeatureLoader(parts["train"], s.device, batch_size=bs, shuffle=True,
+                                       generator=train_loader.generator, drop_last=train_loader.drop_last)
+        if "val" in parts:
+            val_model = tail.module
+            val_iter = FeatureLoader(parts["val"], s.device, batch_size=bs, shuffle=False,
+                                     generator=torch.Generator(), drop_last=False)
+        summary["feature_cache"] = summary_of(caching, tail, parts)
+    else:
+        summary["feature_cache"] = summary_of(caching, tail, {})
+    model.train()
     setup_seconds = time.perf_counter() - started
     train_images, train_seconds = 0, 0.0
+    held: Dict[str, int] = {}
+    check_every = 50 if s.device.type == "cuda" else 1
 
     stop = GracefulStop()
     try:
@@ -440,13 +524,16 @@ def run(
                 # train and validate
                 try:
                     tr = train_one_epoch(
-                        model, train_loader, optimizer, criterion, s.device,
+                        step_model, train_iter, optimizer, criterion, s.device,
                         step_schedule=schedule.step_batch, precision=s.precision, scaler=state.scaler,
                         grad_clip=cfg.trainer.grad_clip, aux_weight=cfg.model.aux_weight, penalty=penalty, mix=mixer,
                         should_stop=stop.requested, progress=s.progress, desc=f"epoch {epoch}/{controller.epochs}",
+                        channels_last=s.channels_last, check_every=check_every,
                     )
-                    va = evaluate(model, val_loader, criterion, s.device, precision=s.precision,
-                                  should_stop=stop.requested, progress=s.progress)
+                    now = state_bytes(model, optimizer)
+                    held = {k: max(v, held.get(k, 0)) for k, v in now.items()}
+                    va = evaluate(val_model, val_iter, criterion, s.device, precision=s.precision,
+                                  should_stop=stop.requested, progress=s.progress, channels_last=s.channels_last)
                 except RuntimeError:
                     if stop.requested():  # loader workers got the signal too
                         raise Interrupted(stop.signum, epoch) from None
@@ -510,6 +597,8 @@ def run(
                         "train_images_per_s": train_images / train_seconds if train_seconds else 0.0,
                         "peak_memory_mb": mem,
                         "peak_memory_kind": mem_kind,
+                        "memory_mb": {k: v / 2**20 for k, v in held.items()},
+                        "grad_optimizer_mb": (held["grads"] + held["optimizer_state"]) / 2**20,
                     }
                 )
                 atomic_json(summary, out_dir / "summary.json")

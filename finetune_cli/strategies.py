@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torchvision.ops import StochasticDepth
 
 from finetune_cli.config import BNMode, StrategyConfig, StrategyName, Trigger
 from finetune_cli.errors import FinetuneError
@@ -28,14 +30,19 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
-def set_bn_frozen(bn: _BatchNorm, frozen: bool) -> None:
-    """A frozen BatchNorm stays in eval mode through every later ``model.train()`` call, so its
-    running statistics never change."""
+def hold_eval(module: nn.Module, frozen: bool) -> None:
+    """A held module stays in eval mode through every later ``model.train()`` call (a frozen
+    BatchNorm keeps its running statistics; a frozen dropout passes its input through)."""
     if frozen:
-        bn.train = types.MethodType(_frozen_train, bn)
-        nn.Module.train(bn, False)
+        module.train = types.MethodType(_frozen_train, module)
+        nn.Module.train(module, False)
     else:
-        bn.__dict__.pop("train", None)
+        module.__dict__.pop("train", None)
+
+
+def is_stochastic(module: nn.Module) -> bool:
+    """Dropout of any kind, or stochastic depth, with a non-zero rate."""
+    return isinstance(module, (_DropoutNd, StochasticDepth)) and float(getattr(module, "p", 0.0)) > 0
 
 
 def bn_frozen_for(mode: BNMode, trainable: bool) -> bool:
@@ -43,6 +50,8 @@ def bn_frozen_for(mode: BNMode, trainable: bool) -> bool:
 
 
 def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: BNMode) -> None:
+    """``requires_grad`` per group. A frozen group is a fixed function: its dropout and stochastic
+    depth are off, and its BatchNorm statistics stay fixed unless ``bn=train``."""
     for group, on in zip(groups, mask):
         for _, p in group.params:
             p.requires_grad_(on)
@@ -50,7 +59,9 @@ def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: 
         for module in group.modules:
             for sub in module.modules():
                 if isinstance(sub, _BatchNorm):
-                    set_bn_frozen(sub, frozen_bn)
+                    hold_eval(sub, frozen_bn)
+                elif is_stochastic(sub):
+                    hold_eval(sub, not on)
 
 
 def has_batchnorm(group: LayerGroup) -> bool:
@@ -184,6 +195,13 @@ class Controller:
 
     def mask(self) -> List[bool]:
         return mask_for(len(self.names), self.k)
+
+    @property
+    def max_k(self) -> int:
+        """The most groups below the head that train at any point of the run."""
+        if self.stages:
+            return max(s.k for s in self.stages)
+        return self.until if self.kind == StrategyName.progressive else self.static_k
 
     @property
     def lr_mult(self) -> float:
