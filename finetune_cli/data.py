@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,9 +25,14 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open any image mode (grayscale, palette/GIF, RGBA, CMYK, 16-bit) as upright RGB."""
+def load_rgb(path: str, min_side: Optional[int] = None) -> Image.Image:
+    """Open any image mode (grayscale, palette/GIF, RGBA, CMYK, 16-bit) as upright RGB.
+
+    ``min_side``: a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale (the smallest
+    whose sides are still at least ``min_side``), which skips most of the decoding work."""
     with Image.open(path) as img:
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
         img = ImageOps.exif_transpose(img)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
@@ -67,8 +73,10 @@ def class_files(root: Path) -> dict:
     }
 
 
-def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset()) -> ImageFolder:
-    """``root/<class>/*`` images, read as RGB, leaving out the paths in ``exclude``."""
+def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset(),
+                 min_side: Optional[int] = None) -> ImageFolder:
+    """``root/<class>/*`` images, read as RGB, leaving out the paths in ``exclude``; JPEGs are
+    decoded at reduced scale down to ``min_side`` (None: full size)."""
     files = class_files(root)
     empty = [c for c, fs in files.items() if not [f for f in fs if f not in exclude]]
     if empty:
@@ -78,7 +86,8 @@ def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset
             f"({', '.join(EXTENSIONS)}) or remove the folder(s)."
         )
     try:
-        return ImageFolder(str(root), transform=transform, loader=load_rgb,
+        loader = functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
+        return ImageFolder(str(root), transform=transform, loader=loader,
                            is_valid_file=lambda p: is_image(p) and p not in exclude)
     except FileNotFoundError as exc:
         raise FinetuneError(
@@ -121,7 +130,10 @@ def image_folder_splits(
     val_fraction: float,
     seed: int,
     exclude: frozenset = frozenset(),
+    decode_sides: Tuple[Optional[int], Optional[int]] = (None, None),
 ) -> Splits:
+    """``decode_sides``: the smallest image side the train and the val transform need (None:
+    decode at full size)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FinetuneError(
@@ -135,11 +147,12 @@ def image_folder_splits(
             f"{root} has no train/ folder. Expected {root}/train/<class>/* and optionally "
             f"{root}/val/<class>/*."
         )
-    train_full = image_folder(train_dir, train_tf, exclude)
+    train_side, val_side = decode_sides
+    train_full = image_folder(train_dir, train_tf, exclude, train_side)
     classes = list(train_full.classes)
     val_dir = root / "val"
     if val_dir.is_dir():
-        val = image_folder(val_dir, val_tf, exclude)
+        val = image_folder(val_dir, val_tf, exclude, val_side)
         if list(val.classes) != classes:
             only_train = sorted(set(classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(classes))
@@ -157,7 +170,7 @@ def image_folder_splits(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
             "more images per class."
         )
-    val_full = image_folder(train_dir, val_tf, exclude)
+    val_full = image_folder(train_dir, val_tf, exclude, val_side)
     return Splits(
         Subset(train_full, train_idx),
         Subset(val_full, val_idx),

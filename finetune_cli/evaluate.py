@@ -23,7 +23,7 @@ from finetune_cli.data import image_folder, make_loader
 from finetune_cli.engine import split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.transforms import eval_transform
+from finetune_cli.transforms import decode_side, eval_transform
 
 
 def pick_device(name: str) -> torch.device:
@@ -35,7 +35,7 @@ def pick_device(name: str) -> torch.device:
 def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:
     if not folder.is_dir():
         raise FinetuneError(f"{folder} does not exist: give a folder holding one sub-folder of images per class.")
-    data = image_folder(folder, eval_transform(loaded.preprocess))
+    data = image_folder(folder, eval_transform(loaded.preprocess), min_side=decode_side(loaded.preprocess))
     unknown = sorted(set(data.classes) - set(loaded.classes))
     if unknown:
         raise FinetuneError(

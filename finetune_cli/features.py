@@ -54,7 +54,7 @@ class CacheDecision:
     val: bool
     why_not: List[str] = field(default_factory=list)  # why each part that is off is off
 
-    def describe(self, tail: Optional[Tail]) -> str:
+    def describe(self, tail: Tail) -> str:
         where = f"the input of {tail.path}"
         if self.train:
             return f"Feature cache: on: {where} is computed once for training and validation images."
@@ -117,12 +117,14 @@ def decide(setting: Optional[bool], *, frozen_below_head: bool, tail_ok: bool, b
 # --- the store -------------------------------------------------------------------------------
 
 
-def _samples(dataset: Dataset) -> Tuple[List[Tuple[str, int]], Any]:
-    """The (path, class) list and the transform of an ImageFolder or a Subset of one."""
+def _samples(dataset: Dataset) -> Tuple[List[Tuple[str, int]], str]:
+    """The (path, class) list of an ImageFolder or a Subset of one, and how it reads images."""
     if isinstance(dataset, Subset):
-        inner, transform = _samples(dataset.dataset)
-        return [inner[i] for i in dataset.indices], transform
-    return list(dataset.samples), dataset.transform  # type: ignore[attr-defined]
+        inner, how = _samples(dataset.dataset)
+        return [inner[i] for i in dataset.indices], how
+    loader = dataset.loader  # type: ignore[attr-defined]
+    reads = f"{getattr(loader, 'func', loader).__name__}{getattr(loader, 'keywords', {})}"
+    return list(dataset.samples), f"{reads}|{dataset.transform!r}"  # type: ignore[attr-defined]
 
 
 def cache_key(model: nn.Module, tail: Tail, dataset: Dataset, precision: Precision) -> str:
@@ -135,11 +137,11 @@ def cache_key(model: nn.Module, tail: Tail, dataset: Dataset, precision: Precisi
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    samples, transform = _samples(dataset)
+    samples, how = _samples(dataset)
     for path, target in samples:
         st = os.stat(path)
         h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{target}\n".encode())
-    h.update(repr(transform).encode())
+    h.update(how.encode())
     h.update(f"{type(model).__name__}|{tail.path}|{precision.name}".encode())
     return h.hexdigest()[:20]
 

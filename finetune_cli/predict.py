@@ -25,7 +25,7 @@ from finetune_cli.engine import split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.evaluate import pick_device
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.transforms import eval_transform
+from finetune_cli.transforms import decode_side, eval_transform
 
 
 def collect(paths: List[Path]) -> List[Path]:
@@ -43,15 +43,15 @@ def collect(paths: List[Path]) -> List[Path]:
 
 
 class _Images(Dataset):
-    def __init__(self, files: List[Path], transform):
-        self.files, self.transform = files, transform
+    def __init__(self, files: List[Path], transform, min_side: int):
+        self.files, self.transform, self.min_side = files, transform, min_side
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_rgb(str(self.files[i]))), i, ""
+            return self.transform(load_rgb(str(self.files[i]), self.min_side)), i, ""
         except Exception as exc:  # one bad file must not stop the others
             return torch.zeros(0), i, f"{type(exc).__name__}: {exc}"
 
@@ -67,7 +67,7 @@ def predict(checkpoint: str, paths: List[Path], *, top_k: int, batch_size: int, 
     loaded = load_for_inference(checkpoint, device)
     files = collect(paths)
     k = max(1, min(top_k, len(loaded.classes)))
-    loader = DataLoader(_Images(files, eval_transform(loaded.preprocess)), batch_size=batch_size, collate_fn=_collate)
+    loader = DataLoader(_Images(files, eval_transform(loaded.preprocess), decode_side(loaded.preprocess)), batch_size=batch_size, collate_fn=_collate)
     rows: List[Optional[Dict[str, Any]]] = [None] * len(files)
     with torch.inference_mode():
         for images, idx, bad in loader:

@@ -50,7 +50,7 @@ from finetune_cli.strategies import Controller, apply_freezing, plan_rows
 from finetune_cli.shutdown import GracefulStop, Interrupted
 from finetune_cli.tblog import TensorBoardLogger
 from finetune_cli.synthetic import SyntheticSpec, generate
-from finetune_cli.transforms import Preprocess, eval_transform, train_transform
+from finetune_cli.transforms import Preprocess, decode_side, eval_transform, train_transform
 
 log = logging.getLogger("finetune_cli")
 
@@ -149,9 +149,10 @@ def load_data(cfg: Config, pre: Preprocess, cache: Path, out_dir: Path) -> Split
         if not (root / "train").is_dir():
             image_folder_splits(root, None, None, val_fraction=0.5, seed=0)  # raises the layout error
     exclude = bad_images(cfg, root, cache, out_dir)
+    sides = (decode_side(pre, cfg.augment), decode_side(pre)) if cfg.data.reduced_decode else (None, None)
     return image_folder_splits(
         root, train_tf, eval_transform(pre), val_fraction=cfg.data.val_fraction, seed=cfg.trainer.seed,
-        exclude=exclude,
+        exclude=exclude, decode_sides=sides,
     )
 
 

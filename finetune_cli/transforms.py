@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -80,6 +81,15 @@ def _policy(aug: AugmentConfig, interp: InterpolationMode) -> list:
         policy = T.AutoAugmentPolicy(aug.autoaugment_policy.value)
         return [T.AutoAugment(policy=policy, interpolation=interp)]
     return []
+
+
+def decode_side(pre: Preprocess, aug: Optional[AugmentConfig] = None) -> int:
+    """The smallest image side a transform needs to see full detail: the resize target of the
+    eval transform; for a random resized crop, the side at which its smallest crop still holds
+    ``crop_size`` pixels across."""
+    if aug is None or aug.name == AugmentName.none:
+        return pre.resize_size
+    return max(pre.resize_size, math.ceil(pre.crop_size / math.sqrt(aug.scale_min)))
 
 
 def train_transform(pre: Preprocess, aug: AugmentConfig) -> T.Compose:

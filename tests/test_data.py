@@ -96,3 +96,24 @@ def test_synthetic_dataset_is_cached_and_source_target_disjoint(tmp_path):
     assert not set(class_pool("target")) & set(class_pool("source"))
     # same shapes and textures on both sides, so features transfer
     assert {s for s, _ in class_pool("target")} == {s for s, _ in class_pool("source")}
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_result(tmp_path):
+    from finetune_cli.config import AugmentConfig, AugmentName
+    from finetune_cli.transforms import Preprocess, decode_side, eval_transform
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    small.save(tmp_path / "photo.jpg", quality=90)
+    small.save(tmp_path / "photo.png")
+    pre = Preprocess(crop_size=64, resize_size=73)
+    side = decode_side(pre)
+    assert side == 73
+    assert decode_side(pre, AugmentConfig(name=AugmentName.basic, scale_min=0.25)) == 128  # 64 / sqrt(0.25)
+    assert decode_side(pre, AugmentConfig(name=AugmentName.none)) == 73
+    full, reduced = load_rgb(str(tmp_path / "photo.jpg")), load_rgb(str(tmp_path / "photo.jpg"), side)
+    assert full.size == (1600, 1200) and reduced.size == (200, 150)  # 1/8 scale, shorter side still >= 73
+    assert load_rgb(str(tmp_path / "photo.png"), side).size == (1600, 1200)  # only JPEG has reduced decoding
+    tf = eval_transform(pre)
+    diff = (tf(full) - tf(reduced)).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.2  # normalized units: the same picture at 64 px

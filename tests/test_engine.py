@@ -62,3 +62,35 @@ def test_metric_tracker_best_and_patience():
     assert (t.best, t.best_epoch) == (0.6, 3)
     loss = MetricTracker(Monitor.val_loss)
     assert loss.update(1.0, 1) and loss.update(0.9, 2) and not loss.update(0.95, 3)
+
+
+def test_non_finite_loss_checked_every_n_steps_names_the_window():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FinetuneError, match="nan or inf in the 50 steps up to step 1 of epoch 1/1"):
+        train_one_epoch(model, _loader(), opt, nn.CrossEntropyLoss(), torch.device("cpu"), desc="epoch 1/1",
+                        check_every=50)
+
+
+def test_channels_last_inputs_and_weights_train_on_cpu():
+    torch.manual_seed(0)
+    model = create_model("resnet18", WeightsChoice("none"), 3, image_size=32).model
+    reference = create_model("resnet18", WeightsChoice("none"), 3, image_size=32).model
+    reference.load_state_dict(model.state_dict())
+    model.to(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    losses = []
+    for net in (model, reference):
+        torch.manual_seed(1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        losses.append(train_one_epoch(net, _loader(), opt, nn.CrossEntropyLoss(), torch.device("cpu"),
+                                      channels_last=net is model).loss)
+    assert seen and all(seen)
+    # the same computation in another layout (kernels sum in another order: tiny float differences)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    for (n, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2), n

@@ -124,3 +124,24 @@ def test_no_autograd_work_through_the_frozen_prefix():
     built.model(torch.randn(4, 3, 32, 32))
     assert not seen["features"].requires_grad and seen["features"].grad_fn is None  # no graph below the head
     assert seen["logits"].requires_grad
+
+
+def test_frozen_groups_run_without_dropout_or_stochastic_depth_until_unfrozen():
+    from torchvision.ops import StochasticDepth
+
+    from finetune_cli.strategies import is_stochastic
+
+    torch.manual_seed(0)
+    built = create_model("efficientnet_b0", WeightsChoice("none"), num_classes=3, image_size=32)
+    names = [g.name for g in built.groups]
+    apply_freezing(built.groups, trainable_mask(StrategyName.linear_probe, names, 0), BNMode.frozen_eval)
+    built.model.train()
+    random_in_groups = [m for g in built.groups[:-1] for mod in g.modules for m in mod.modules() if is_stochastic(m)]
+    assert any(isinstance(m, StochasticDepth) for m in random_in_groups)
+    assert not any(m.training for m in random_in_groups)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(built.model.features(x), built.model.features(x))  # a fixed function
+    apply_freezing(built.groups, [True] * len(names), BNMode.frozen_eval)
+    built.model.train()
+    assert all(m.training for m in random_in_groups)  # unfrozen: regularized as usual
