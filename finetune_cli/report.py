@@ -29,7 +29,7 @@ COLUMNS = [
     "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
     "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
     "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
-    "peak_memory_mb", "error",
+    "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "error",
 ]
 SORT_KEYS = {
     "best": ("best", True),  # direction flips for loss monitors
@@ -123,11 +123,19 @@ def read_run(path: Path, root: Path) -> Run:
         "total_params": summary.get("total_params"),
         "trainable_pct": None,
         "peak_memory_mb": summary.get("peak_memory_mb"),
+        "grad_optimizer_mb": summary.get("grad_optimizer_mb"),
+        "feature_cache": _cache_label(summary.get("feature_cache")),
         "error": summary.get("error") or problem or "",
     }
     if row["trainable_params"] is not None and row["total_params"]:
         row["trainable_pct"] = 100.0 * row["trainable_params"] / row["total_params"]
     return Run(path, row, metrics, _read_overrides(path))
+
+
+def _cache_label(cache: Optional[Dict[str, Any]]) -> str:
+    if not cache:
+        return ""
+    return "train+val" if cache.get("train") else "val" if cache.get("val") else "off"
 
 
 SHOWN_APART = ("model", "model.name", "strategy")  # these have columns of their own
@@ -179,7 +187,7 @@ def render_table(runs: List[Run]) -> Table:
     monitor = next((r.row["monitor"] for r in runs if r.row["monitor"]), "val_acc")
     table = Table(title=f"Runs ranked; best = best {monitor} (epoch)", title_justify="left")
     for col in ("#", "model", "strategy", "overrides", "status", "best", "train acc", "gap", "epochs", "time s",
-                "s/epoch", "img/s", "trainable", "peak MB"):
+                "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
         table.add_column(col, no_wrap=col not in ("overrides", "status"))
     for i, r in enumerate(runs, 1):
         row = r.row
@@ -190,6 +198,7 @@ def render_table(runs: List[Run]) -> Table:
             _num(row["final_train_acc"], 3), _num(row["train_val_gap"], 3, signed=True), _num(row["epochs_run"], 0),
             _num(row["total_seconds"], 1), _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0),
             "-" if row["trainable_pct"] is None else f"{row['trainable_pct']:.1f}%", _num(row["peak_memory_mb"], 0),
+            _num(row["grad_optimizer_mb"], 1),
         )
     return table
 
@@ -203,7 +212,7 @@ def write_tables(runs: List[Run], out: Path) -> None:
     atomic_write_bytes(out / "report.csv", buf.getvalue().encode())
     shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch", "final_train_acc",
              "train_val_gap", "epochs_run", "total_seconds", "seconds_per_epoch", "images_per_s", "trainable_pct",
-             "peak_memory_mb"]
+             "peak_memory_mb", "grad_optimizer_mb", "feature_cache"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in runs:
         lines.append("| " + " | ".join(_fmt(r.row.get(k)).replace("|", "\\|") for k in shown) + " |")

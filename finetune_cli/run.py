@@ -570,6 +570,7 @@ def run(
                     "lr": lrs_now[names[-1]],
                     **{f"lr_{name}": lrs_now[name] for name in names},
                     "epoch_seconds": tr.seconds + va.seconds,
+                    "train_seconds": tr.seconds,
                     "train_images_per_s": tr.images_per_s,
                     "trainable_params": trainable_now,
                     "trainable_groups": controller.k,

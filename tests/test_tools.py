@@ -62,10 +62,12 @@ def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
     assert list(rows[0]) == ["run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
                              "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
                              "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
-                             "peak_memory_mb", "error"]
+                             "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "error"]
     assert len(rows) == 6
     completed = [r for r in rows if r["status"] == "completed"]
     assert sorted(r["strategy"] for r in completed) == ["freeze_early", "full", "linear_probe"]
+    mem = {r["strategy"]: float(r["grad_optimizer_mb"]) for r in completed}
+    assert mem["linear_probe"] < mem["freeze_early"] < mem["full"]
     bests = [float(r["best"]) for r in rows if r["best"]]
     assert bests == sorted(bests, reverse=True)  # ranked by the best metric
     for r in completed:

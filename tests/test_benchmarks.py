@@ -1,0 +1,25 @@
+"""The benchmark scripts run end to end at tiny sizes (--quick); they measure nothing here."""
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,expect", [
+    ("bench_overhead.py", "overhead: tool / plain ="),
+    ("bench_freezing.py", "linear_probe = "),
+    ("bench_cache.py", "speed-up: "),
+    ("bench_decode.py", "reduced decode img/s"),
+    ("bench_gpu.py", "x plain"),
+])
+def test_benchmark_runs(script, expect, tmp_path):
+    args = [sys.executable, script, "--quick", "--workdir", str(tmp_path)]
+    if script == "bench_gpu.py":
+        args += ["--device", "cpu"]
+    res = subprocess.run(args, cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert expect in res.stdout
