@@ -46,11 +46,10 @@ def main() -> None:
         for name, (seconds, s) in results.items():
             lines.append([name, f"{s['trainable_pct']:.1f}%", f"{seconds:.2f}", f"{seconds / full_s:.2f}",
                           f"{s['memory_mb']['grads']:.1f}", f"{s['memory_mb']['optimizer_state']:.1f}",
-                          f"{full['grad_optimizer_mb'] / s['grad_optimizer_mb']:,.1f}x less" if name != "full" else "-",
-                          f"{s['peak_memory_mb']:.0f}"])
+                          f"{full['grad_optimizer_mb'] / s['grad_optimizer_mb']:,.1f}x less" if name != "full" else "-"])
         print(f"\n{model}")
-        print(table(["strategy", "trainable", "s/epoch", "x full", "grads MB", "optimizer MB", "grad+opt vs full",
-                     "peak RSS MB"], lines))
+        print(table(["strategy", "trainable", "s/epoch", "x full", "grads MB", "optimizer MB", "grad+opt vs full"],
+                    lines))
         lp, fe = results["linear_probe"][0] / full_s, results["freeze_early"][0] / full_s
         print(f"{model}: linear_probe = {lp:.2f} x full (target <= 0.45), freeze_early = {fe:.2f} x full (target <= 0.75)")
 
