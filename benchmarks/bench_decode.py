@@ -17,8 +17,8 @@ from common import machine, parser, photo_folder, table, workdir
 
 def loader_rate(root: Path, size: int, train: bool, reduced: bool, workers: int, passes: int) -> float:
     from finetune_cli.config import AugmentConfig
-    from finetune_cli.data import image_folder, make_loader
-    from finetune_cli.transforms import Preprocess, decode_side, eval_transform, train_transform
+    from finetune_cli.data.folders import image_folder, make_loader
+    from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform, train_transform
 
     pre = Preprocess(size, int(round(size * 256 / 224)))
     aug = AugmentConfig() if train else None
@@ -41,7 +41,7 @@ def main() -> None:
     width, height, passes = 4032, 3024, 2
     if a.quick:
         a.images, a.sizes, width, height, passes = 4, "64", 1024, 768, 1
-    from finetune_cli.data import resolve_workers
+    from finetune_cli.data.folders import resolve_workers
 
     workers = resolve_workers(a.workers)
     root = photo_folder(workdir(a.workdir) / "photos", a.images, width, height)

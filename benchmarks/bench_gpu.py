@@ -50,11 +50,11 @@ def plain_rate(name: str, batch: tuple, steps: int, device: torch.device) -> flo
 def tool_rate(name: str, batch: tuple, steps: int, device: torch.device, compile_model: bool) -> float:
     """The tool's model, switches, optimizer and ``train_one_epoch`` over an in-memory batch."""
     from finetune_cli.config import Amp, BNMode, OptimizerConfig
-    from finetune_cli.engine import train_one_epoch
+    from finetune_cli.train.engine import train_one_epoch
     from finetune_cli.models import WeightsChoice, create_model
-    from finetune_cli.optim import build_optimizer, param_groups
+    from finetune_cli.train.optim import build_optimizer, param_groups
     from finetune_cli.run import pick_precision, speed_switches
-    from finetune_cli.strategies import apply_freezing
+    from finetune_cli.train.strategies import apply_freezing
 
     built = create_model(name, WeightsChoice("none"), 1000, image_size=batch[0].size(-1))
     channels_last = speed_switches(device, False, "auto")
@@ -109,7 +109,7 @@ def main() -> None:
                            "data.val_fraction=0.1",
                            f"data.image_size={a.size}", f"data.batch_size={bs}", "trainer.epochs=2",
                            f"trainer.device={a.device}"] + (["trainer.compile=true"] if a.compile else []), out / "tool")
-    from finetune_cli.data import resolve_workers
+    from finetune_cli.data.folders import resolve_workers
 
     images = (a.folder_images // int(bs)) * int(bs) or a.folder_images
     tool = float(metrics[-1]["train_images_per_s"])

@@ -22,8 +22,8 @@ from plain_loop import plain_train
 def loader_only(root, size: int, batch: int, workers: int) -> float:
     """Images/s of the tool's training loader alone (decode + transforms + collate)."""
     from finetune_cli.config import AugmentConfig
-    from finetune_cli.data import image_folder, make_loader
-    from finetune_cli.transforms import Preprocess, train_transform as tool_transform
+    from finetune_cli.data.folders import image_folder, make_loader
+    from finetune_cli.data.transforms import Preprocess, train_transform as tool_transform
 
     data = image_folder(root / "train", tool_transform(Preprocess(size, int(size * 1.14)), AugmentConfig()))
     loader = make_loader(data, batch_size=batch, num_workers=workers, train=True, seed=0)
@@ -65,7 +65,7 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.size, a.epochs, a.rounds, a.classes, a.per_class, a.batch = 32, 2, 1, 2, 8, 8
-    from finetune_cli.data import resolve_workers
+    from finetune_cli.data.folders import resolve_workers
 
     workers = resolve_workers(a.workers)
     root = synthetic_folder(a.classes, a.per_class, 4, a.size)

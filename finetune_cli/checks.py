@@ -14,12 +14,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from finetune_cli.config import Config, DataSource, Device
-from finetune_cli.data import resolve_workers
+from finetune_cli.data.folders import resolve_workers
 from finetune_cli.errors import FinetuneError
-from finetune_cli.features import parse_switch
+from finetune_cli.train.features import parse_switch
 from finetune_cli.models.factory import check_model_name
 from finetune_cli.models.weights import resolve_weights
-from finetune_cli.synthetic import class_pool
+from finetune_cli.data.synthetic import class_pool
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[str]:

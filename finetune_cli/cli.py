@@ -53,7 +53,7 @@ class RunHooks(Callback):
             raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from finetune_cli.sweep import show_sweep
+        from finetune_cli.tools.sweep import show_sweep
 
         show_sweep(Path(config.hydra.sweep.dir))
 

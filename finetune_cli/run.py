@@ -17,40 +17,40 @@ import torch
 from torch import nn
 
 from finetune_cli import ui
-from finetune_cli.callbacks import Checkpointer, MetricsWriter, MetricTracker
-from finetune_cli.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, resolve_checkpoint
+from finetune_cli.train.callbacks import Checkpointer, MetricsWriter, MetricTracker
+from finetune_cli.train.checkpoint import CHECKPOINT_FORMAT, read_checkpoint, resolve_checkpoint
 from finetune_cli.checks import check
 from finetune_cli.config import (
     Amp, AugmentName, BadImage, Config, DataSource, Device, LoggerName, Monitor, PreviewMode, RegularizerName,
 )
-from finetune_cli.data_check import check_images, describe
-from finetune_cli.data import (
+from finetune_cli.data.checks import check_images, describe
+from finetune_cli.data.folders import (
     Splits, class_files, image_folder, image_folder_splits, make_loader, resolve_workers, split_dirs,
 )
-from finetune_cli.engine import Precision, evaluate, train_one_epoch
-from finetune_cli.features import (
+from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
+from finetune_cli.train.features import (
     CacheDecision, FeatureLoader, FeatureStore, TailMismatch, cache_key, decide, extract, parse_switch, summary_of,
     train_blockers, updating_batchnorms,
 )
-from finetune_cli.memory import peak_memory, state_bytes
+from finetune_cli.train.memory import peak_memory, state_bytes
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.mixing import make_mixer
+from finetune_cli.train.mixing import make_mixer
 from finetune_cli.models import BuiltModel, HeadSpec, count_params, create_model, resolve_weights
 from finetune_cli.models.factory import head_prefixes, preprocess_for
 from finetune_cli.models.groups import head_paths
 from finetune_cli.models.tail import Tail, find_tail
 from finetune_cli.models.weights import WeightsChoice
-from finetune_cli.optim import Schedule, build_optimizer, group_lrs, layerwise_lrs, param_groups
+from finetune_cli.train.optim import Schedule, build_optimizer, group_lrs, layerwise_lrs, param_groups
 from finetune_cli.paths import cache_dir
-from finetune_cli.pretrain import synthetic_weights
-from finetune_cli.preview import write_preview
-from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
-from finetune_cli.strategies import Controller, apply_freezing, plan_rows
-from finetune_cli.shutdown import GracefulStop, Interrupted
+from finetune_cli.models.pretrain import synthetic_weights
+from finetune_cli.data.preview import write_preview
+from finetune_cli.train.regularizers import AnchorPenalty, estimate_fisher
+from finetune_cli.train.strategies import Controller, apply_freezing, plan_rows
+from finetune_cli.train.shutdown import GracefulStop, Interrupted
 from finetune_cli.tblog import TensorBoardLogger
-from finetune_cli.synthetic import SyntheticSpec, generate
-from finetune_cli.transforms import Preprocess, decode_side, eval_transform, train_transform
+from finetune_cli.data.synthetic import SyntheticSpec, generate
+from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform, train_transform
 
 log = logging.getLogger("finetune_cli")
 

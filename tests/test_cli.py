@@ -205,9 +205,9 @@ def test_installed_wheel_ships_its_config(tmp_path):
                    check=True, capture_output=True)
     assert (target / "finetune_cli" / "conf" / "config.yaml").is_file()
     (entry_points,) = target.glob("finetune_cli-*.dist-info/entry_points.txt")
-    for script in ("finetune-cli = finetune_cli.cli:main", "finetune-cli-report = finetune_cli.report:main",
-                   "finetune-cli-eval = finetune_cli.evaluate:main", "finetune-cli-predict = finetune_cli.predict:main",
-                   "finetune-cli-export = finetune_cli.export:main"):
+    for script in ("finetune-cli = finetune_cli.cli:main", "finetune-cli-report = finetune_cli.tools.report:main",
+                   "finetune-cli-eval = finetune_cli.tools.evaluate:main", "finetune-cli-predict = finetune_cli.tools.predict:main",
+                   "finetune-cli-export = finetune_cli.tools.export:main"):
         assert script in entry_points.read_text()
     assert (target / "finetune_cli" / "conf" / "strategy" / "linear_probe.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
@@ -325,7 +325,7 @@ def test_regularizers_run_end_to_end(tmp_path, reg):
 
 
 def test_augment_preview_writes_a_labelled_grid_without_training(tmp_path):
-    from finetune_cli.preview import LABEL_HEIGHT, grid_size
+    from finetune_cli.data.preview import LABEL_HEIGHT, grid_size
 
     proc = cli(["preview=augment", "preview_images=10", "augment=strong", "augment.mixup_alpha=0.2",
                 "model.weights=synthetic", *SMALL_SYNTHETIC, "hydra.run.dir=outputs/pv"], tmp_path)

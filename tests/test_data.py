@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from finetune_cli.config import AugmentConfig, AugmentName
-from finetune_cli.data import image_folder_splits, load_rgb, resolve_workers, stratified_split
+from finetune_cli.data.folders import image_folder_splits, load_rgb, resolve_workers, stratified_split
 from finetune_cli.errors import FinetuneError
-from finetune_cli.synthetic import SyntheticSpec, class_pool, generate
-from finetune_cli.transforms import Preprocess, eval_transform, train_transform
+from finetune_cli.data.synthetic import SyntheticSpec, class_pool, generate
+from finetune_cli.data.transforms import Preprocess, eval_transform, train_transform
 
 from helpers import make_image_folder
 
@@ -100,7 +100,7 @@ def test_synthetic_dataset_is_cached_and_source_target_disjoint(tmp_path):
 
 def test_large_jpegs_decode_at_reduced_scale_with_the_same_result(tmp_path):
     from finetune_cli.config import AugmentConfig, AugmentName
-    from finetune_cli.transforms import Preprocess, decode_side, eval_transform
+    from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform
 
     rng = np.random.default_rng(0)
     small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finetune_cli.config import Monitor, ScheduleConfig, ScheduleName
-from finetune_cli.optim import Schedule
+from finetune_cli.train.optim import Schedule
 
 
 def _optimizer():

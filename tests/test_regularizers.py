@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_cli.regularizers import AnchorPenalty, estimate_fisher
+from finetune_cli.train.regularizers import AnchorPenalty, estimate_fisher
 
 
 def _tiny():

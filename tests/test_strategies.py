@@ -7,8 +7,8 @@ from torch import nn
 
 from finetune_cli.config import Monitor, ScheduleConfig, ScheduleName, StageConfig, StrategyConfig, StrategyName, Trigger
 from finetune_cli.errors import FinetuneError
-from finetune_cli.optim import Schedule, layerwise_lrs
-from finetune_cli.strategies import Controller
+from finetune_cli.train.optim import Schedule, layerwise_lrs
+from finetune_cli.train.strategies import Controller
 
 NAMES = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 

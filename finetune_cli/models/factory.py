@@ -16,7 +16,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models.families import Family, family_of
 from finetune_cli.models.groups import LayerGroup, layer_groups
 from finetune_cli.models.weights import WeightsChoice, ensure_downloaded, read_state_dict
-from finetune_cli.transforms import Preprocess
+from finetune_cli.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     statuses = sorted(json.loads((r / "summary.json").read_text())["status"] for r in run_dirs(sweep))
     assert statuses == ["completed", "completed", "failed"]
-    report = subprocess.run([sys.executable, "-m", "finetune_cli.report", str(sweep)], capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "finetune_cli.tools.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     failed = [r for r in rows if r["status"] == "failed"]

@@ -9,7 +9,7 @@ import torch
 
 from helpers import cli
 from finetune_cli import io_utils
-from finetune_cli.checkpoint import resolve_checkpoint
+from finetune_cli.train.checkpoint import resolve_checkpoint
 
 
 def test_a_save_failing_midway_leaves_the_previous_file(tmp_path, monkeypatch):
@@ -64,7 +64,7 @@ def test_a_malicious_pickle_is_refused_everywhere(tmp_path, kind):
     import subprocess
     import sys
 
-    as_eval = subprocess.run([sys.executable, "-m", "finetune_cli.evaluate", str(path), str(tmp_path)],
+    as_eval = subprocess.run([sys.executable, "-m", "finetune_cli.tools.evaluate", str(path), str(tmp_path)],
                              capture_output=True, text=True)
     for proc in (as_weights, as_resume, as_eval):
         out = proc.stdout + proc.stderr

@@ -75,7 +75,7 @@ def test_ctrl_c_stops_cleanly_and_records_the_interruption(tmp_path):
 def test_a_second_signal_exits_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
-        "from finetune_cli.shutdown import GracefulStop\n"
+        "from finetune_cli.train.shutdown import GracefulStop\n"
         "with GracefulStop() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert stop.requested()\n"

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from finetune_cli.io_utils import atomic_write_bytes
-from finetune_cli.mixing import BatchMixer
-from finetune_cli.transforms import Preprocess
+from finetune_cli.train.mixing import BatchMixer
+from finetune_cli.data.transforms import Preprocess
 
 MIN_TILE = 128
 LABEL_HEIGHT = 26  # two lines: a mixed image shows its two largest class shares

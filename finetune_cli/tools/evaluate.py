@@ -18,12 +18,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.checkpoint import Loaded, load_for_inference, tool_main
-from finetune_cli.data import image_folder, make_loader
-from finetune_cli.engine import split_outputs
+from finetune_cli.train.checkpoint import Loaded, load_for_inference, tool_main
+from finetune_cli.data.folders import image_folder, make_loader
+from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.transforms import decode_side, eval_transform
+from finetune_cli.data.transforms import decode_side, eval_transform
 
 
 def pick_device(name: str) -> torch.device:

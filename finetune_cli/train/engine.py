@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finetune_cli.errors import FinetuneError
-from finetune_cli.mixing import hard_labels
+from finetune_cli.train.mixing import hard_labels
 
 
 @dataclass

@@ -15,7 +15,7 @@ from finetune_cli.config import HeadType
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import safe_torch_load
 from finetune_cli.models import HeadSpec, WeightsChoice, create_model
-from finetune_cli.transforms import Preprocess
+from finetune_cli.data.transforms import Preprocess
 
 CHECKPOINT_FORMAT = "finetune-cli/1"
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from finetune_cli.checkpoint import Loaded, load_for_inference, tool_main
+from finetune_cli.train.checkpoint import Loaded, load_for_inference, tool_main
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
 
@@ -120,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = args.out_dir
     if out is None:
-        from finetune_cli.checkpoint import resolve_checkpoint
+        from finetune_cli.train.checkpoint import resolve_checkpoint
 
         path = resolve_checkpoint(args.checkpoint)
         out = (path.parent.parent if path.parent.name == "checkpoints" else Path.cwd()) / "export"

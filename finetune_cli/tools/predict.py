@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_cli.checkpoint import load_for_inference, tool_main
-from finetune_cli.data import is_image, load_rgb
-from finetune_cli.engine import split_outputs
+from finetune_cli.train.checkpoint import load_for_inference, tool_main
+from finetune_cli.data.folders import is_image, load_rgb
+from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError
-from finetune_cli.evaluate import pick_device
+from finetune_cli.tools.evaluate import pick_device
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.transforms import decode_side, eval_transform
+from finetune_cli.data.transforms import decode_side, eval_transform
 
 
 def collect(paths: List[Path]) -> List[Path]:

@@ -17,7 +17,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from finetune_cli.engine import split_outputs
+from finetune_cli.train.engine import split_outputs
 
 Named = Sequence[Tuple[str, nn.Parameter]]
 
