@@ -143,7 +143,7 @@ def test_predict_top_k_agrees_with_evaluate(sweep, tmp_path):
 def test_export_onnx_and_torch_export_match_pytorch(sweep, tmp_path):
     import onnxruntime as ort
 
-    from finetune_cli.train.checkpoint import load_for_inference
+    from finetune_cli.tools.loading import load_for_inference
 
     run = run_dirs(sweep)[1]
     proc = tool("export", run, "--out-dir", tmp_path / "x", cwd=tmp_path)

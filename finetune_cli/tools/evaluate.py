@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.train.checkpoint import Loaded, load_for_inference, tool_main
+from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main
 from finetune_cli.data.folders import image_folder, make_loader
 from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError

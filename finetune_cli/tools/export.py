@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from finetune_cli.train.checkpoint import Loaded, load_for_inference, tool_main
+from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_cli.train.checkpoint import load_for_inference, tool_main
+from finetune_cli.tools.loading import load_for_inference, tool_main
 from finetune_cli.data.folders import is_image, load_rgb
 from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError

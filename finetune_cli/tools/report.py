@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.train.checkpoint import tool_main
+from finetune_cli.tools.loading import tool_main
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes
 

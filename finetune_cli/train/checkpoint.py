@@ -1,35 +1,14 @@
-"""Loading a finetune-cli checkpoint for inference: the model, its classes and preprocessing."""
+"""Checkpoints: the file format, finding and reading one, and the training state it holds."""
 
 from __future__ import annotations
 
-import functools
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict
 
-import torch
-from torch import nn
-
-from finetune_cli.config import HeadType
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import safe_torch_load
-from finetune_cli.models import HeadSpec, WeightsChoice, create_model
-from finetune_cli.data.transforms import Preprocess
 
 CHECKPOINT_FORMAT = "finetune-cli/1"
-
-
-@dataclass
-class Loaded:
-    model: nn.Module
-    model_name: str
-    classes: List[str]
-    preprocess: Preprocess
-    path: Path
-    epoch: int
-    metrics: Dict[str, Any]
-    run_dir: Optional[Path]
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -53,44 +32,3 @@ def resolve_checkpoint(spec: str, prefer: str = "best.pt") -> Path:
     if not path.is_file():
         raise FinetuneError(f"No checkpoint at {spec}: give a .pt file or a run folder holding checkpoints/{prefer}.")
     return path
-
-
-def load_for_inference(spec: str, device: torch.device = torch.device("cpu")) -> Loaded:
-    path = resolve_checkpoint(spec)
-    ckpt = read_checkpoint(path)
-    pre_dict = dict(ckpt["preprocess"])
-    pre = Preprocess(**{**pre_dict, "mean": tuple(pre_dict["mean"]), "std": tuple(pre_dict["std"])})
-    model_cfg = (ckpt.get("config") or {}).get("model", {})
-    head = HeadSpec(
-        HeadType(model_cfg.get("head", "linear")),
-        int(model_cfg.get("head_hidden", 512)),
-        float(model_cfg.get("head_dropout", 0.0)),
-    )
-    built = create_model(
-        ckpt["model_name"],
-        WeightsChoice("none"),
-        len(ckpt["classes"]),
-        head=head,
-        aux_logits=bool(model_cfg.get("aux_logits", True)),
-        image_size=pre.crop_size,
-    )
-    model = built.model
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return Loaded(model, ckpt["model_name"], list(ckpt["classes"]), pre, path, int(ckpt.get("epoch", 0)),
-                  dict(ckpt.get("metrics") or {}), run_dir)
-
-
-def tool_main(fn: Callable[..., int]) -> Callable[..., int]:
-    """Entry points of the file tools: a user mistake prints one paragraph and exits 2."""
-
-    @functools.wraps(fn)
-    def wrapper(argv: Optional[List[str]] = None) -> int:
-        try:
-            return fn(argv)
-        except FinetuneError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper
