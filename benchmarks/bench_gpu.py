@@ -53,7 +53,7 @@ def tool_rate(name: str, batch: tuple, steps: int, device: torch.device, compile
     from finetune_cli.train.engine import train_one_epoch
     from finetune_cli.models import WeightsChoice, create_model
     from finetune_cli.train.optim import build_optimizer, param_groups
-    from finetune_cli.run import pick_precision, speed_switches
+    from finetune_cli.runtime import pick_precision, speed_switches
     from finetune_cli.train.strategies import apply_freezing
 
     built = create_model(name, WeightsChoice("none"), 1000, image_size=batch[0].size(-1))

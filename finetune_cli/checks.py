@@ -115,8 +115,9 @@ def problems(cfg: Config) -> List[str]:
     st, reg = cfg.strategy, cfg.regularizer
     if st.auto_small > st.auto_large:
         found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")
-    if st.rewarmup_epochs < 0 or st.plateau_patience < 0:
-        found.append("strategy.rewarmup_epochs and strategy.plateau_patience must be 0 or more.")
+    if st.rewarmup_epochs < 0:
+        found.append(f"strategy.rewarmup_epochs must be 0 or more (got {st.rewarmup_epochs}).")
+    found += patience_problems(cfg)
     if reg.strength < 0:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
@@ -127,6 +128,22 @@ def problems(cfg: Config) -> List[str]:
         found.append(f"strategy.freeze_groups must be 0 or more (got {cfg.strategy.freeze_groups}).")
     if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():
         found.append("trainer.device=cuda, but no CUDA GPU is visible to PyTorch; use trainer.device=auto or cpu.")
+    return found
+
+
+def patience_problems(cfg: Config) -> List[str]:
+    """Every patience counts epochs without improvement before something happens: 0 would mean
+    "at once, every epoch", so it is refused rather than read one way or the other."""
+    found = []
+    settings = [("trainer.patience", cfg.trainer.patience, "early stopping", True),
+                ("strategy.plateau_patience", cfg.strategy.plateau_patience, "the next group unfreezes", False)]
+    settings += [(f"strategy.stages[{i}].patience", s.patience, "the stage ends early", True)
+                 for i, s in enumerate(cfg.strategy.stages)]
+    for key, value, what, nullable in settings:
+        if value is not None and value < 1:
+            off = " or null to turn it off" if nullable else ""
+            found.append(f"{key}={value}: give the number of epochs without improvement before {what}, "
+                         f"1 or more{off}.")
     return found
 
 

@@ -72,7 +72,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     from finetune_cli.checks import typed_config
-    from finetune_cli.run import mark_failed, run
+    from finetune_cli.record import mark_failed
+    from finetune_cli.run import run
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)

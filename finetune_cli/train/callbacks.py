@@ -1,14 +1,12 @@
-"""Per-epoch bookkeeping: the best metric, early stopping, checkpoints and metrics files."""
+"""The monitored metric across epochs: which epoch is best, and when patience runs out."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from finetune_cli.config import Monitor
-from finetune_cli.io_utils import atomic_copy, atomic_csv, atomic_torch_save
 
 
 @dataclass
@@ -23,6 +21,8 @@ class MetricTracker:
     bad_epochs: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be 1 or more, or None (got {self.patience})")
         self.best = -math.inf if self.maximize else math.inf
 
     @property
@@ -47,32 +47,3 @@ class MetricTracker:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-
-
-class MetricsWriter:
-    """metrics.csv, one row per epoch, rewritten atomically after each epoch."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: List[Dict[str, Any]] = []
-
-    def append(self, row: Dict[str, Any]) -> None:
-        self.rows.append(row)
-        atomic_csv(self.rows, self.path)
-
-
-class Checkpointer:
-    """checkpoints/last.pt after every epoch, checkpoints/best.pt when the metric improves."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def save(self, state: Dict[str, Any], *, best: bool) -> None:
-        atomic_torch_save(state, self.folder / "last.pt")
-        if best:  # the same bytes: copied, not serialized again
-            atomic_copy(self.folder / "last.pt", self.folder / "best.pt")
-
-    def keep_as(self, name: str) -> None:
-        """Keep a copy of the latest checkpoint under another name (trainer.save_every)."""
-        atomic_copy(self.folder / "last.pt", self.folder / name)

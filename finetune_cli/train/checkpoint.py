@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
 
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import safe_torch_load
+from finetune_cli.runtime import rng_state, set_rng_state
+from finetune_cli.train.callbacks import MetricTracker
+from finetune_cli.train.optim import Schedule
+from finetune_cli.train.strategies import Controller
+
+log = logging.getLogger("finetune_cli")
 
 CHECKPOINT_FORMAT = "finetune-cli/1"
 
@@ -32,3 +43,118 @@ def resolve_checkpoint(spec: str, prefer: str = "best.pt") -> Path:
     if not path.is_file():
         raise FinetuneError(f"No checkpoint at {spec}: give a .pt file or a run folder holding checkpoints/{prefer}.")
     return path
+
+
+# --- the training state a checkpoint holds ---------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and a resume restores, in one place."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: Optional[torch.amp.GradScaler]
+    tracker: MetricTracker
+    controller: Controller
+    loader_generator: torch.Generator
+
+    def checkpoint(self, epoch: int, **extra: Any) -> Dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "tracker": self.tracker.state_dict(),
+            "strategy": self.controller.state_dict(),
+            "rng": rng_state(self.loader_generator),
+            **extra,
+        }
+
+    def restore(self, ckpt: Dict[str, Any]) -> int:
+        """Load a checkpoint; returns the first epoch still to run. The optimizer goes before the
+        schedule, whose gate sits on the optimizer's LRs; the random streams go last."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.tracker.load_state_dict(ckpt["tracker"])
+        self.controller.load_state_dict(ckpt["strategy"])
+        set_rng_state(ckpt["rng"], self.loader_generator)
+        return int(ckpt["epoch"]) + 1
+
+    def restore_weights(self, ckpt: Dict[str, Any]) -> None:
+        """Weights and optimizer moments from an earlier epoch (a stage's best), keeping the
+        LRs, the schedule and everything else where the run is now."""
+        self.model.load_state_dict(ckpt["model"])
+        current = self.optimizer.state_dict()
+        current["state"] = ckpt["optimizer"]["state"]
+        self.optimizer.load_state_dict(current)
+
+
+def finished_reason(ckpt: Dict[str, Any], epochs: int) -> Optional[str]:
+    """Why the run that saved ``ckpt`` has nothing left to train, or None."""
+    if ckpt.get("finished"):
+        return str(ckpt["finished"])
+    if int(ckpt["epoch"]) >= epochs:
+        return f"all {epochs} epochs ran"
+    return None
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    """Where ``fit`` begins: epoch 1, or after a checkpoint's epoch."""
+
+    epoch: int = 1
+    checkpoint: Optional[Path] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)
+    finished: Optional[str] = None  # the checkpoint's run is complete: nothing to train
+
+    @property
+    def saved_epoch(self) -> int:
+        return self.epoch - 1
+
+
+def load_resume(spec: str, model_name: str, classes: List[str]) -> Dict[str, Any]:
+    path = resolve_checkpoint(spec, prefer="last.pt")
+    ckpt = read_checkpoint(path)
+    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
+        raise FinetuneError(
+            f"{path} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run has "
+            f"{model_name} with classes {classes[:5]}...: resume with the run's own model and data."
+        )
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def find_resume(spec: Optional[str], out_dir: Path, model_name: str, classes: List[str]) -> Optional[Dict[str, Any]]:
+    """The checkpoint to continue from: trainer.resume, or with ``auto`` this folder's last.pt."""
+    if spec == "auto":
+        own = out_dir / "checkpoints" / "last.pt"
+        if not own.is_file():
+            log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
+                     "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
+            return None
+        spec = str(own)
+    return load_resume(spec, model_name, classes) if spec else None
+
+
+def resume(state: TrainState, ckpt: Optional[Dict[str, Any]], epochs: int) -> Start:
+    """Restore ``ckpt`` into ``state`` (the strategy's mask included), or start at epoch 1."""
+    if ckpt is None:
+        return Start()
+    finished = finished_reason(ckpt, epochs)
+    if finished:
+        return Start(int(ckpt["epoch"]) + 1, Path(ckpt["path"]), finished=finished)
+    first = state.restore(ckpt)
+    log.info(f"Resumed from {ckpt['path']} after epoch {ckpt['epoch']}: "
+             f"{state.controller.recipe.describe_k(state.controller.k)} train.")
+    return Start(first, Path(ckpt["path"]), list(ckpt.get("history", [])), list(ckpt.get("events", [])))

@@ -27,11 +27,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from finetune_cli.config import BNMode
 from finetune_cli.train.engine import Precision, split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_torch_save, safe_torch_load
 from finetune_cli.models.tail import Tail
-from finetune_cli.train.strategies import is_stochastic
+from finetune_cli.train.freezing import is_stochastic
 
 log = logging.getLogger("finetune_cli")
 
@@ -90,7 +91,7 @@ def train_blockers(model: nn.Module, tail: Tail, *, random_augment: Optional[str
 
 
 def decide(setting: Optional[bool], *, frozen_below_head: bool, tail_ok: bool, bn_updating: List[str],
-           aux: bool, blockers: List[str]) -> CacheDecision:
+           aux: bool, blockers: List[str], bn_mode: BNMode = BNMode.frozen_eval) -> CacheDecision:
     """``setting``: data.cache_features (None = auto). ``true`` demands the training cache."""
     if setting is False:
         return CacheDecision(False, False, ["data.cache_features=false"])
@@ -100,7 +101,8 @@ def decide(setting: Optional[bool], *, frozen_below_head: bool, tail_ok: bool, b
     if not tail_ok:
         why.append("this model's output is not a function of its head's input alone")
     if bn_updating:
-        why.append(f"{', '.join(bn_updating[:3])} update their BatchNorm statistics (strategy.bn=train)")
+        cause = "strategy.bn=train" if bn_mode == BNMode.train else "they belong to no layer group, so no freezing reaches them"
+        why.append(f"{', '.join(bn_updating[:3])} update their BatchNorm statistics ({cause})")
     val = not why
     if aux:
         why.append("auxiliary classifiers train on inner layers")

@@ -1,0 +1,211 @@
+"""``build``: every object a run needs, made from the typed config in plain order —
+runtime, weights, data, model, strategy, optimizer, schedule, loaders, regularizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from finetune_cli import ui
+from finetune_cli.config import AugmentName, Config, Monitor, RegularizerConfig, RegularizerName
+from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
+from finetune_cli.data.loading import load_data
+from finetune_cli.data.transforms import Preprocess, eval_transform
+from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
+from finetune_cli.models.factory import head_prefixes, preprocess_for
+from finetune_cli.models.groups import head_paths
+from finetune_cli.models.pretrain import synthetic_weights
+from finetune_cli.models.tail import Tail, find_tail
+from finetune_cli.models.weights import WeightsChoice
+from finetune_cli.paths import cache_dir
+from finetune_cli.record import Recorder
+from finetune_cli.runtime import pick_device, pick_precision, speed_switches
+from finetune_cli.train.callbacks import MetricTracker
+from finetune_cli.train.checkpoint import TrainState
+from finetune_cli.train.engine import Precision
+from finetune_cli.train.features import CacheDecision, decide, parse_switch, train_blockers, updating_batchnorms
+from finetune_cli.train.mixing import BatchMixer, make_mixer
+from finetune_cli.train.optim import Schedule, build_optimizer, layerwise_lrs, param_groups
+from finetune_cli.train.recipe import Recipe, resolve
+from finetune_cli.train.regularizers import AnchorPenalty, estimate_fisher
+from finetune_cli.train.strategies import Controller
+
+log = logging.getLogger("finetune_cli")
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where and how the run computes."""
+
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    workers: int
+    progress: bool
+    cache: Path
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The trainer's settings that the epoch loop reads."""
+
+    monitor: Monitor
+    grad_clip: Optional[float]
+    aux_weight: float
+    rewarmup_steps: int
+    save_every: int
+    compile: bool
+    batch_size: int
+
+    @property
+    def maximize(self) -> bool:
+        return self.monitor == Monitor.val_acc
+
+
+@dataclass
+class Parts:
+    env: Env
+    splits: Splits
+    built: BuiltModel
+    pre: Preprocess
+    recipe: Recipe
+    controller: Controller
+    lrs: List[float]  # each group's LR before the strategy's multiplier, stem first
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    state: TrainState
+    tail: Tail
+    caching: CacheDecision
+    criterion: nn.Module  # training loss (label smoothing); validation uses plain cross-entropy
+    mixer: Optional[BatchMixer]
+    penalty: Optional[AnchorPenalty]
+    settings: FitSettings
+    identity: Dict[str, Any]  # what every checkpoint says about the run
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+
+def environment(cfg: Config) -> Env:
+    device = pick_device(cfg.trainer.device)
+    return Env(
+        device=device,
+        precision=pick_precision(cfg.trainer.amp, device),
+        channels_last=speed_switches(device, cfg.trainer.deterministic, cfg.trainer.channels_last),
+        workers=resolve_workers(cfg.data.num_workers),
+        progress=ui.interactive(),
+        cache=cache_dir(cfg.cache_dir),
+    )
+
+
+def weights_choice(cfg: Config, env: Env) -> WeightsChoice:
+    """model.weights resolved; ``synthetic`` pretrains once on the source task (cached)."""
+    name = cfg.model.name
+    if cfg.model.weights != "synthetic":
+        return resolve_weights(name, cfg.model.weights)
+    size = cfg.data.image_size or preprocess_for(name, WeightsChoice("none"), None).crop_size
+    path = synthetic_weights(name, size, env.cache, env.device, env.precision, env.workers, env.progress)
+    return WeightsChoice("file", path=path, label="synthetic: pretrained on the source task")
+
+
+def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) -> BuiltModel:
+    m = cfg.model
+    built = create_model(m.name, choice, len(classes), head=HeadSpec(m.head, m.head_hidden, m.head_dropout),
+                         aux_logits=m.aux_logits, image_size=cfg.data.image_size, progress=env.progress)
+    built.model.to(env.device)
+    if env.channels_last:
+        built.model.to(memory_format=torch.channels_last)
+    return built
+
+
+def anchored(built: BuiltModel, reg: RegularizerConfig) -> list:
+    """The pretrained parameters a regularizer holds near their start: every group but the head."""
+    if reg.name == RegularizerName.none:
+        return []
+    heads = head_prefixes(built.family)
+    return [(n, p) for g in built.groups[:-1] for n, p in g.params if not any(n.startswith(h) for h in heads)]
+
+
+def regularizer(reg: RegularizerConfig, built: BuiltModel, backbone: list, splits: Splits, pre: Preprocess,
+                env: Env) -> Optional[AnchorPenalty]:
+    if reg.name == RegularizerName.none:
+        return None
+    if reg.name == RegularizerName.l2sp:
+        return AnchorPenalty(backbone, reg.strength)
+    if reg.fisher_root:
+        data = image_folder(Path(reg.fisher_root).expanduser(), eval_transform(pre))
+        where = f"source images in {reg.fisher_root}"
+    else:
+        data, where = splits.train, "the target training images"
+    loader = make_loader(data, batch_size=32, num_workers=env.workers, train=False, seed=0)
+    started = time.perf_counter()
+    fisher = estimate_fisher(built.model, backbone, (x for x, _ in loader), env.device, reg.fisher_samples)
+    log.info(f"EWC: diagonal Fisher from {min(reg.fisher_samples, len(data))} of {where} "
+             f"in {time.perf_counter() - started:.1f}s (mean {torch.cat([f.flatten() for f in fisher]).mean():.3e})")
+    return AnchorPenalty(backbone, reg.strength, fisher)
+
+
+def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_ok: bool = True) -> CacheDecision:
+    """What data.cache_features gives this run (call with the freezing applied)."""
+    model = built.model
+    model.train()  # the modes training will see; frozen layers stay in eval
+    aug = cfg.augment
+    return decide(
+        parse_switch(cfg.data.cache_features, "data.cache_features"),
+        frozen_below_head=recipe.max_k == 0,
+        tail_ok=tail_ok,
+        bn_updating=updating_batchnorms(model, tail),
+        bn_mode=cfg.strategy.bn,
+        aux=len(head_paths(model, built.family)) > 1 and cfg.model.aux_logits,
+        blockers=train_blockers(model, tail, random_augment=aug.name.value if aug.name != AugmentName.none else None,
+                                mixing=aug.mixup_alpha > 0 or aug.cutmix_alpha > 0),
+    )
+
+
+def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training: bool = True) -> Parts:
+    """``resolved``: the config as saved in checkpoints. ``training=False`` (a plan) skips what
+    only training needs: the regularizer's estimates."""
+    env = environment(cfg)
+    choice = weights_choice(cfg, env)
+    pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
+    splits = load_data(cfg.data, cfg.augment, pre, cfg.trainer.seed, env.cache, recorder.skipped_images)
+    built = model_for(cfg, choice, splits.classes, env)
+    groups, t = built.groups, cfg.trainer
+
+    recipe = resolve(cfg.strategy, [g.name for g in groups], epochs=t.epochs, images_per_class=splits.images_per_class)
+    controller = Controller(recipe, groups, cfg.strategy.bn, t.monitor)
+    controller.apply()
+    lrs = layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
+    backbone = anchored(built, cfg.regularizer)
+    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay),
+                                fused=env.device.type == "cuda")
+
+    bs, pin = cfg.data.batch_size, env.device.type == "cuda"
+    train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed, pin_memory=pin)
+    val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed, pin_memory=pin)
+    schedule = Schedule(cfg.schedule, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
+    tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
+    state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
+                       train_loader.generator)
+    tail = find_tail(built.model, built.family, groups)
+    penalty = regularizer(cfg.regularizer, built, backbone, splits, pre, env) if training else None
+    settings = FitSettings(t.monitor, t.grad_clip, cfg.model.aux_weight,
+                           int(round(cfg.strategy.rewarmup_epochs * len(train_loader))), t.save_every, t.compile, bs)
+    return Parts(
+        env=env, splits=splits, built=built, pre=pre, recipe=recipe, controller=controller, lrs=lrs,
+        optimizer=optimizer, schedule=schedule, train_loader=train_loader, val_loader=val_loader, state=state,
+        tail=tail, caching=cache_plan(cfg, built, tail, recipe),
+        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        mixer=make_mixer(cfg.augment, len(splits.classes)), penalty=penalty, settings=settings,
+        identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved},
+    )

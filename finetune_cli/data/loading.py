@@ -1,0 +1,61 @@
+"""The run's data: the synthetic task or an image folder, checked image by image, split into
+training and validation sets with their transforms."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+from finetune_cli.config import BadImage, DataConfig, DataSource
+from finetune_cli.data.checks import check_images, describe
+from finetune_cli.data.folders import Splits, class_files, image_folder_splits, split_dirs
+from finetune_cli.data.synthetic import SyntheticSpec, generate
+from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform, train_transform
+from finetune_cli.config import AugmentConfig
+from finetune_cli.errors import FinetuneError
+
+log = logging.getLogger("finetune_cli")
+
+
+def data_root(cfg: DataConfig, cache: Path) -> Path:
+    if cfg.source == DataSource.synthetic:
+        s = cfg.synthetic
+        return generate(SyntheticSpec("target", s.classes, s.train_per_class, s.val_per_class, s.image_size, s.seed), cache)
+    root = Path(cfg.root).expanduser()
+    if not (root / "train").is_dir():
+        image_folder_splits(root, None, None, val_fraction=0.5, seed=0)  # raises the layout error
+    return root
+
+
+def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable[[Dict[str, str]], Path]) -> frozenset:
+    """Check every image before training; stop, or leave the bad ones out (data.on_bad_image)."""
+    if not cfg.check_images:
+        return frozenset()
+    files = [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
+    started = time.perf_counter()
+    result = check_images(files, cfg.max_image_pixels, cache)
+    if not result.bad:
+        log.info(f"Data check: {result.checked} images readable ({time.perf_counter() - started:.1f}s).")
+        return frozenset()
+    listing = describe(result.bad)
+    if cfg.on_bad_image == BadImage.error:
+        raise FinetuneError(
+            f"{len(result.bad)} of {result.checked} images under {root} cannot be used:\n{listing}\n"
+            "Fix or delete them, or set data.on_bad_image=skip to train without them. Nothing was trained."
+        )
+    path = write_skipped(result.bad)
+    log.warning(f"Skipping {len(result.bad)} of {result.checked} images (data.on_bad_image=skip; listed in {path}):\n{listing}")
+    return frozenset(result.bad)
+
+
+def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: int, cache: Path,
+              write_skipped: Callable[[Dict[str, str]], Path]) -> Splits:
+    root = data_root(cfg, cache)
+    exclude = bad_images(cfg, root, cache, write_skipped)
+    sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
+    return image_folder_splits(
+        root, train_transform(pre, augment), eval_transform(pre), val_fraction=cfg.val_fraction, seed=seed,
+        exclude=exclude, decode_sides=sides,
+    )

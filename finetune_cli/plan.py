@@ -1,0 +1,113 @@
+"""The plan printed before training: layer groups with their status, LR and BatchNorm mode,
+the strategy's timeline, and the run's first summary."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from finetune_cli import ui
+from finetune_cli.build import Parts
+from finetune_cli.config import BNMode, Config, RegularizerName, StrategyName
+from finetune_cli.models import count_params
+from finetune_cli.train.freezing import bn_frozen_for, has_batchnorm
+from finetune_cli.train.recipe import Recipe
+
+
+def unfreeze_epoch(recipe: Recipe, group_index: int) -> Optional[int]:
+    """For epoch-triggered progressive runs: the epoch a group starts training."""
+    if not recipe.progressive_by_epochs or group_index == recipe.below:
+        return None
+    j = recipe.below - group_index  # the j-th group from the top
+    if j > recipe.until:
+        return None
+    return 1 + j * recipe.every
+
+
+def timeline(recipe: Recipe) -> List[str]:
+    below, names = recipe.below, recipe.names
+    if recipe.kind == StrategyName.progressive:
+        if recipe.progressive_by_epochs:
+            return ["epoch 1: head only"] + [
+                f"epoch {1 + j * recipe.every}: +{names[below - j]}"
+                for j in range(1, recipe.until + 1)
+                if 1 + j * recipe.every <= recipe.epochs
+            ]
+        return ["head only at first"] + [
+            f"on a plateau of {recipe.plateau_patience} epoch(s): +{names[below - j]}" for j in range(1, recipe.until + 1)
+        ]
+    return [
+        f"stage {i + 1} (epochs {s.first_epoch}-{s.last_epoch}): {recipe.describe_k(s.k)}, lr x{s.lr_mult:g}"
+        + (f", early stop after {s.patience} flat epochs" if s.patience is not None else "")
+        for i, s in enumerate(recipe.stages)
+    ]
+
+
+def plan_rows(parts: Parts, bn_mode: BNMode) -> List[dict]:
+    """One row per layer group for the plan table and summary.json."""
+    recipe, mask = parts.recipe, parts.controller.mask()
+    lrs = [lr * parts.controller.lr_mult for lr in parts.lrs]
+    rows = []
+    for i, (group, on, lr) in enumerate(zip(parts.built.groups, mask, lrs)):
+        later = unfreeze_epoch(recipe, i)
+        if on:
+            status = "train"
+        elif later is not None and later <= recipe.epochs:
+            status = f"from epoch {later}"
+        else:
+            status = "frozen"
+        head = i == len(mask) - 1
+        bn = "-" if not has_batchnorm(group) else ("eval" if bn_frozen_for(bn_mode, on, head=head) else "train")
+        rows.append({"group": group.name, "params": group.num_params, "status": status, "lr": f"{lr:.2e}", "bn": bn})
+    return rows
+
+
+def notes(cfg: Config, parts: Parts) -> List[str]:
+    recipe, splits = parts.recipe, parts.splits
+    out = list(parts.built.notes)
+    if recipe.decision:
+        out.insert(0, f"auto strategy: {recipe.decision['reason']} -> {recipe.decision['chose']}")
+    out += [f"Timeline: {step}" for step in timeline(recipe)]
+    out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
+    if cfg.regularizer.name != RegularizerName.none:
+        out.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
+    out += parts.notes
+    out.append(parts.caching.describe(parts.tail))
+    return out
+
+
+def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> Dict[str, Any]:
+    """Print the plan and return the run's first summary."""
+    env, splits, recipe = parts.env, parts.splits, parts.recipe
+    trainable, total = count_params(parts.model)
+    rows = plan_rows(parts, cfg.strategy.bn)
+    ui.show_plan(
+        f"Plan: {cfg.model.name} ({parts.built.weights}), strategy={label or recipe.kind.value}, "
+        f"{len(splits.classes)} classes, {recipe.epochs} epochs, device={env.device.type}, precision={env.precision.name}"
+        + (", channels_last" if env.channels_last else ""),
+        rows, trainable, total, notes(cfg, parts),
+    )
+    return {
+        "model": cfg.model.name,
+        "weights": parts.built.weights,
+        "strategy": label or cfg.strategy.name.value,
+        "strategy_kind": recipe.kind.value,
+        "auto": recipe.decision,
+        "timeline": timeline(recipe),
+        "regularizer": cfg.regularizer.name.value,
+        "dataset": {
+            "name": cfg.data.source.value,
+            "root": str(splits.root),
+            "classes": len(splits.classes),
+            "train_images": len(splits.train),
+            "val_images": len(splits.val),
+        },
+        "device": env.device.type,
+        "precision": env.precision.name,
+        "channels_last": env.channels_last,
+        "compiled": cfg.trainer.compile,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "groups": rows,
+        "output_dir": str(out_dir),
+    }

@@ -1,0 +1,149 @@
+"""The Recorder: the one owner of every file a run writes in its folder.
+
+summary.json, metrics.csv, classes.json, skipped_images.txt, the preview picture, checkpoints
+(last.pt every epoch, best.pt, epoch_NNN.pt, stage_best.pt), the feature cache, TensorBoard
+event files, and the record of an interruption or failure. Every write is atomic: a crash
+leaves the previous file, never a partial one. In multi-process training only rank 0 has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from finetune_cli import ui
+from finetune_cli.io_utils import atomic_copy, atomic_csv, atomic_json, atomic_torch_save, atomic_write_bytes
+from finetune_cli.tblog import TensorBoardLogger
+from finetune_cli.train.features import FeatureStore
+from finetune_cli.train.shutdown import Interrupted
+
+log = logging.getLogger("finetune_cli")
+
+
+class Recorder:
+    def __init__(self, out_dir: Path, command: str = "finetune-cli"):
+        self.out_dir = Path(out_dir)
+        self.command = command
+        self.started = time.perf_counter()
+        self.summary: Dict[str, Any] = {}
+        self.rows: List[Dict[str, Any]] = []
+        self.saved_epoch = 0  # the newest epoch in checkpoints/last.pt
+        self.resumed_from: Optional[Path] = None
+        self.tensorboard: Optional[TensorBoardLogger] = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def stage_best(self) -> Path:
+        return self.checkpoints / "stage_best.pt"
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    # -- before training ----------------------------------------------------------------------
+
+    def skipped_images(self, bad: Dict[str, str]) -> Path:
+        path = self.out_dir / "skipped_images.txt"
+        atomic_write_bytes(path, "".join(f"{p}\t{why}\n" for p, why in sorted(bad.items())).encode())
+        return path
+
+    def feature_store(self) -> FeatureStore:
+        return FeatureStore(self.out_dir / "features")
+
+    def preview(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        self.summary = {**summary, "output_dir": str(self.out_dir)}
+        atomic_json(self.summary, self.out_dir / "summary.json")
+        return self.summary
+
+    def planned(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        self.summary = {**summary, "status": "planned"}
+        atomic_json(self.summary, self.out_dir / "summary.json")
+        return self.summary
+
+    def begin(self, summary: Dict[str, Any], classes: List[str], *, tensorboard: bool) -> None:
+        """Training starts: the run's first summary, its classes, TensorBoard if asked for."""
+        self.summary = {**summary, "status": "running", "events": []}
+        atomic_json(classes, self.out_dir / "classes.json")
+        if tensorboard:
+            self.tensorboard = TensorBoardLogger(self.out_dir / "tensorboard")
+
+    def resumed(self, checkpoint: Path, saved_epoch: int, history: List[Dict[str, Any]], events: List[Dict[str, Any]]) -> None:
+        """Continue the files of the run that saved ``checkpoint``; its stage snapshot comes along."""
+        self.saved_epoch, self.resumed_from = saved_epoch, checkpoint
+        self.rows = list(history)
+        atomic_csv(self.rows, self.out_dir / "metrics.csv")
+        self.summary.update({"events": list(events), "resumed_from": str(checkpoint)})
+        source = checkpoint.parent / self.stage_best.name
+        if source.is_file() and source.resolve() != self.stage_best.resolve():
+            atomic_copy(source, self.stage_best)
+
+    # -- every epoch --------------------------------------------------------------------------
+
+    def epoch(self, row: Dict[str, Any], checkpoint: Dict[str, Any], *, best: bool, keep_as: Optional[str] = None,
+              stage_best: bool = False, summary: Dict[str, Any]) -> None:
+        """An epoch's metrics row, checkpoints and summary, in that order."""
+        self.rows.append(row)
+        atomic_csv(self.rows, self.out_dir / "metrics.csv")
+        if self.tensorboard is not None:
+            self.tensorboard.log_epoch(row)
+        atomic_torch_save(checkpoint, self.last)
+        self.saved_epoch = int(row["epoch"])
+        for name, wanted in (("best.pt", best), (keep_as, bool(keep_as)), (self.stage_best.name, stage_best)):
+            if wanted:  # the same bytes: copied, not serialized again
+                atomic_copy(self.last, self.checkpoints / name)
+        self.summary.update(summary, total_seconds=self.seconds())
+        atomic_json(self.summary, self.out_dir / "summary.json")
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def completed(self, **extra: Any) -> Dict[str, Any]:
+        self.close()
+        self.summary.update(extra, status="completed", total_seconds=self.seconds())
+        atomic_json(self.summary, self.out_dir / "summary.json")
+        ui.show_result(self.summary)
+        return self.summary
+
+    def interrupted(self, exc: Interrupted) -> SystemExit:
+        """Record the interruption, say how to resume; the caller raises what this returns
+        (exit 130 for SIGINT, 143 for SIGTERM)."""
+        self.close()
+        self.summary.update(status="interrupted", error=str(exc), total_seconds=self.seconds())
+        atomic_json(self.summary, self.out_dir / "summary.json")
+        saved = self.last if self.last.is_file() else self.resumed_from
+        if saved is not None and self.saved_epoch:
+            log.warning(
+                f"Interrupted ({exc}); that epoch is abandoned. Epochs 1-{self.saved_epoch} are saved in {saved}. "
+                f"Resume with:\n  {self.command} trainer.resume={saved}"
+            )
+        else:
+            log.warning(f"Interrupted ({exc}) before the first epoch ended: nothing to resume. Run again: {self.command}")
+        return SystemExit(exc.exit_code)
+
+
+def read_summary(run_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def mark_failed(out_dir: Path, error: BaseException) -> None:
+    """Record a failure in summary.json, keeping whatever the run already wrote."""
+    summary = read_summary(out_dir)
+    first = str(error).splitlines()[0] if str(error) else ""
+    summary.update({"status": "failed", "error": f"{type(error).__name__}: {first}"})
+    atomic_json(summary, out_dir / "summary.json")

@@ -1,0 +1,227 @@
+"""``fit``: the epochs, from ``start`` to the end of the strategy's schedule or an early stop.
+
+Each epoch: the strategy's phase -> train -> validate -> schedule, best metric and the strategy's
+next phase -> the recorder writes metrics.csv, checkpoints and summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from finetune_cli import ui
+from finetune_cli.build import Parts
+from finetune_cli.errors import FinetuneError
+from finetune_cli.models import count_params
+from finetune_cli.record import Recorder
+from finetune_cli.train.checkpoint import Start, read_checkpoint
+from finetune_cli.train.engine import EpochResult, evaluate, train_one_epoch
+from finetune_cli.train.features import FeatureLoader, TailMismatch, cache_key, extract, summary_of
+from finetune_cli.data.folders import make_loader
+from finetune_cli.train.memory import peak_memory, state_bytes
+from finetune_cli.train.optim import group_lrs
+from finetune_cli.train.shutdown import GracefulStop, Interrupted
+from finetune_cli.train.strategies import Event, KeepStageBest, RestoreStageBest, words
+
+log = logging.getLogger("finetune_cli")
+VALIDATION_LOSS = nn.CrossEntropyLoss()  # plain: the training loss may smooth its labels
+
+
+@dataclass
+class Inputs:
+    """What the epochs run on: the whole model over images, or the tail over cached features."""
+
+    train_model: nn.Module
+    train_batches: Any
+    val_model: nn.Module
+    val_batches: Any
+    cache: Dict[str, Any]
+
+
+@dataclass
+class Totals:
+    images: int = 0
+    seconds: float = 0.0
+    held: Dict[str, int] = field(default_factory=dict)  # the most bytes of params/grads/optimizer state
+
+
+def cached_features(parts: Parts, recorder: Recorder) -> Dict[str, Any]:
+    """The frozen network's outputs for the splits the decision caches, from the run folder when
+    they are there for the same weights, files and transform, else computed now."""
+    env, store = parts.env, recorder.feature_store()
+    splits = {"train": parts.splits.train} if parts.caching.train else {}
+    splits["val"] = parts.splits.val
+    found = {}
+    for name, data in splits.items():
+        loader = make_loader(data, batch_size=parts.settings.batch_size, num_workers=env.workers, train=False, seed=0,
+                             pin_memory=env.device.type == "cuda")
+        key = cache_key(parts.model, parts.tail, data, env.precision)
+        found[name] = f = store.get(name, key, lambda: extract(parts.model, parts.tail, loader, env.device,
+                                                                env.precision, env.progress, f"features ({name})"))
+        how = "read back from" if f.seconds == 0 else f"computed in {f.seconds:.1f}s into"
+        log.info(f"Feature cache: {len(f.targets)} {name} images x {tuple(f.features.shape[1:])} {how} {f.path}")
+    return found
+
+
+def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
+    model: nn.Module = torch.compile(parts.model) if parts.settings.compile else parts.model
+    inputs = Inputs(model, parts.train_loader, model, parts.val_loader, summary_of(parts.caching, parts.tail, {}))
+    if not parts.caching.val:
+        return inputs
+    try:
+        found = cached_features(parts, recorder)
+    except TailMismatch as exc:
+        log.warning(f"Feature cache off: {exc}.")
+        parts.caching.train = parts.caching.val = False
+        parts.caching.why_not.append(str(exc))
+        found = {}
+    bs, device, loader = parts.settings.batch_size, parts.env.device, parts.train_loader
+    if "train" in found:
+        inputs.train_model = parts.tail.module
+        inputs.train_batches = FeatureLoader(found["train"], device, batch_size=bs, shuffle=True,
+                                             generator=loader.generator, drop_last=loader.drop_last)
+    if "val" in found:
+        inputs.val_model = parts.tail.module
+        inputs.val_batches = FeatureLoader(found["val"], device, batch_size=bs, shuffle=False,
+                                           generator=torch.Generator(), drop_last=False)
+    inputs.cache = summary_of(parts.caching, parts.tail, found)
+    parts.model.train()
+    return inputs
+
+
+def apply_phase(parts: Parts, events: Sequence[Event]) -> None:
+    """The LR side of a strategy's change: its multiplier, and a re-warmup after an unfreeze."""
+    if not any(e.changes_mask for e in events):
+        return
+    parts.schedule.set_multiplier(parts.controller.lr_mult)
+    if parts.settings.rewarmup_steps and any(e.rewarm for e in events):
+        parts.schedule.rewarmup(parts.settings.rewarmup_steps)
+
+
+def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, totals: Totals
+                       ) -> Tuple[EpochResult, EpochResult]:
+    env, s = parts.env, parts.settings
+    try:
+        tr = train_one_epoch(
+            inputs.train_model, inputs.train_batches, parts.optimizer, parts.criterion, env.device,
+            step_schedule=parts.schedule.step_batch, precision=env.precision, scaler=parts.state.scaler,
+            grad_clip=s.grad_clip, aux_weight=s.aux_weight, penalty=parts.penalty, mix=parts.mixer,
+            should_stop=stop.requested, progress=env.progress, desc=f"epoch {epoch}/{parts.controller.epochs}",
+            channels_last=env.channels_last, check_every=50 if env.device.type == "cuda" else 1,
+        )
+        now = state_bytes(parts.model, parts.optimizer)
+        totals.held = {k: max(v, totals.held.get(k, 0)) for k, v in now.items()}
+        va = evaluate(inputs.val_model, inputs.val_batches, VALIDATION_LOSS, env.device, precision=env.precision,
+                      should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last)
+    except RuntimeError:
+        if stop.requested():  # loader workers got the signal too
+            raise Interrupted(stop.signum, epoch) from None
+        raise
+    if tr.interrupted or va.interrupted:
+        raise Interrupted(stop.signum, epoch)
+    totals.images += tr.images
+    totals.seconds += tr.seconds
+    return tr, va
+
+
+def finished_reason(parts: Parts) -> Optional[str]:
+    """Why the run stops before its last epoch, or None."""
+    tracker = parts.state.tracker
+    if tracker.should_stop:
+        return (f"early stopping: {parts.settings.monitor.value} did not improve by more than {tracker.min_delta} "
+                f"for {tracker.patience} epochs")
+    if parts.controller.finished:
+        return "the strategy's last stage stopped early"
+    return None
+
+
+def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, recorder: Recorder,
+              totals: Totals) -> Optional[str]:
+    """Run and record one epoch; returns why the run is finished early, or None."""
+    controller, names = parts.controller, parts.recipe.names
+    events = controller.begin_epoch(epoch)
+    apply_phase(parts, events)
+    lrs_now, trainable_now, k_now = group_lrs(parts.optimizer), count_params(parts.model)[0], controller.k
+    for e in words(events):
+        log.info(f"epoch {epoch}: {e}")
+
+    tr, va = train_and_validate(parts, inputs, epoch, stop, totals)
+    monitored = va.acc if parts.settings.maximize else va.loss
+    if not math.isfinite(monitored):
+        raise FinetuneError(
+            f"The validation {parts.settings.monitor.value} became {monitored} at epoch {epoch}. Lower "
+            "optimizer.lr or set trainer.grad_clip; the checkpoints of earlier epochs are kept."
+        )
+
+    parts.schedule.step_epoch(monitored)
+    improved = parts.state.tracker.update(monitored, epoch)
+    after = controller.end_epoch(epoch, monitored)
+    if any(isinstance(e, RestoreStageBest) and e.epoch != epoch for e in after):
+        parts.state.restore_weights(read_checkpoint(recorder.stage_best))
+    apply_phase(parts, after)
+    finished = finished_reason(parts)
+
+    said = words(events) + words(after)
+    row: Dict[str, Any] = {
+        "epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss, "val_acc": va.acc,
+        "lr": lrs_now[names[-1]], **{f"lr_{name}": lrs_now[name] for name in names},
+        "epoch_seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "train_images_per_s": tr.images_per_s,
+        "trainable_params": trainable_now, "trainable_groups": k_now, "events": "; ".join(said),
+    }
+    events_so_far = recorder.summary.get("events", []) + [{"epoch": epoch, "event": e} for e in said]
+    save_every = parts.settings.save_every
+    recorder.epoch(
+        row,
+        parts.state.checkpoint(epoch, metrics=row, history=recorder.rows + [row], events=events_so_far,
+                               finished=finished, **parts.identity),
+        best=improved,
+        keep_as=f"epoch_{epoch:03d}.pt" if save_every and epoch % save_every == 0 else None,
+        stage_best=any(isinstance(e, KeepStageBest) for e in after),
+        summary=progress_summary(parts, epoch, trainable_now, totals, events_so_far),
+    )
+    ui.show_epoch(row, controller.epochs, improved)
+    for e in words(after):
+        log.info(f"after epoch {epoch}: {e}")
+    return finished
+
+
+def progress_summary(parts: Parts, epoch: int, trainable: int, totals: Totals, events: List[Dict[str, Any]]
+                     ) -> Dict[str, Any]:
+    tracker = parts.state.tracker
+    mem, mem_kind = peak_memory(parts.env.device)
+    held = totals.held
+    return {
+        "best": {"monitor": parts.settings.monitor.value, "value": tracker.best, "epoch": tracker.best_epoch},
+        "epochs_run": epoch,
+        "trainable_params_final": trainable,
+        "train_seconds": totals.seconds,
+        "train_images_per_s": totals.images / totals.seconds if totals.seconds else 0.0,
+        "peak_memory_mb": mem,
+        "peak_memory_kind": mem_kind,
+        "memory_mb": {k: v / 2**20 for k, v in held.items()},
+        "grad_optimizer_mb": (held["grads"] + held["optimizer_state"]) / 2**20,
+        "events": events,
+    }
+
+
+def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
+    """Train from ``start.epoch``; returns what the summary adds at the end."""
+    inputs = epoch_inputs(parts, recorder)
+    recorder.summary.update(feature_cache=inputs.cache, setup_seconds=recorder.seconds())
+    totals, stop, finished = Totals(), GracefulStop(), None
+    try:
+        with stop:
+            for epoch in range(start.epoch, parts.controller.epochs + 1):
+                finished = one_epoch(parts, inputs, epoch, stop, recorder, totals)
+                if finished:
+                    log.info(f"{finished[0].upper()}{finished[1:]} (stopped after epoch {epoch}).")
+                    break
+    except Interrupted as exc:
+        raise recorder.interrupted(exc) from None
+    return {"stopped_early": bool(finished)}

@@ -1,0 +1,68 @@
+"""Applying a trainable mask to layer groups: ``requires_grad``, and the modes of BatchNorm,
+dropout and stochastic depth in frozen groups."""
+
+from __future__ import annotations
+
+import types
+from typing import List, Sequence
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torchvision.ops import StochasticDepth
+
+from finetune_cli.config import BNMode
+from finetune_cli.models.groups import LayerGroup
+
+
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def hold_eval(module: nn.Module, frozen: bool) -> None:
+    """A held module stays in eval mode through every later ``model.train()`` call (a frozen
+    BatchNorm keeps its running statistics; a frozen dropout passes its input through)."""
+    if frozen:
+        module.train = types.MethodType(_frozen_train, module)
+        nn.Module.train(module, False)
+    else:
+        module.__dict__.pop("train", None)
+
+
+def is_stochastic(module: nn.Module) -> bool:
+    """Dropout of any kind, or stochastic depth, with a non-zero rate."""
+    return isinstance(module, (_DropoutNd, StochasticDepth)) and float(getattr(module, "p", 0.0)) > 0
+
+
+def bn_frozen_for(mode: BNMode, trainable: bool, head: bool = False) -> bool:
+    """Whether a group's BatchNorm statistics stay fixed. ``freeze_all`` concerns the pretrained
+    layers: the new head has no statistics worth keeping, so its BatchNorm always trains with it."""
+    if head:
+        return not trainable
+    return mode == BNMode.freeze_all or (mode == BNMode.frozen_eval and not trainable)
+
+
+def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: BNMode) -> None:
+    """``requires_grad`` per group. A frozen group is a fixed function: its dropout and stochastic
+    depth are off, and its BatchNorm statistics stay fixed unless ``bn=train``."""
+    last = len(groups) - 1
+    for i, (group, on) in enumerate(zip(groups, mask)):
+        for _, p in group.params:
+            p.requires_grad_(on)
+        frozen_bn = bn_frozen_for(bn_mode, on, head=i == last)
+        for module in group.modules:
+            for sub in module.modules():
+                if isinstance(sub, _BatchNorm):
+                    hold_eval(sub, frozen_bn)
+                elif is_stochastic(sub):
+                    hold_eval(sub, not on)
+
+
+def has_batchnorm(group: LayerGroup) -> bool:
+    return any(isinstance(s, _BatchNorm) for m in group.modules for s in m.modules())
+
+
+def mask_for(n_groups: int, k: int) -> List[bool]:
+    """The head and the ``k`` groups just below it train."""
+    below = n_groups - 1
+    return [i >= below - k for i in range(below)] + [True]
