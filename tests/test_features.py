@@ -17,7 +17,8 @@ from finetune_cli.train.features import (
 from finetune_cli.data.folders import image_folder
 from finetune_cli.models import WeightsChoice, create_model
 from finetune_cli.models.tail import find_tail
-from finetune_cli.train.strategies import apply_freezing, trainable_mask
+from finetune_cli.train.freezing import apply_freezing
+from finetune_cli.train.strategies import trainable_mask
 from finetune_cli.data.transforms import Preprocess, eval_transform
 from helpers import cli, make_image_folder, run_dirs
 
@@ -60,8 +61,17 @@ def test_blockers_name_what_makes_training_features_change():
     assert updating_batchnorms(built.model, tail)  # frozen BN updating its statistics
     blockers = train_blockers(built.model, tail, random_augment="basic", mixing=True)
     assert any("augment=basic" in b for b in blockers) and any("MixUp" in b for b in blockers)
-    d = decide(None, frozen_below_head=True, tail_ok=True, bn_updating=["bn1"], aux=False, blockers=[])
-    assert not d.val and not d.train and "bn1" in d.why_not[0]
+    d = decide(None, frozen_below_head=True, tail_ok=True, bn_updating=["bn1"], aux=False, blockers=[],
+               bn_mode=BNMode.train)
+    assert not d.val and not d.train and "bn1" in d.why_not[0] and "strategy.bn=train" in d.why_not[0]
+
+
+def test_batchnorm_note_names_the_real_cause():
+    """A BatchNorm outside every layer group updates whatever strategy.bn says: the note must not
+    blame strategy.bn=train."""
+    d = decide(None, frozen_below_head=True, tail_ok=True, bn_updating=["extra.bn"], aux=False, blockers=[],
+               bn_mode=BNMode.frozen_eval)
+    assert "strategy.bn=train" not in d.why_not[0] and "no layer group" in d.why_not[0]
 
 
 def test_decisions():

@@ -9,7 +9,8 @@ from finetune_cli.config import BNMode, OptimizerConfig, OptimizerName, Strategy
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import WeightsChoice, create_model
 from finetune_cli.train.optim import build_optimizer, param_groups
-from finetune_cli.train.strategies import apply_freezing, trainable_mask
+from finetune_cli.train.freezing import apply_freezing
+from finetune_cli.train.strategies import trainable_mask
 
 
 def _setup(strategy, bn=BNMode.frozen_eval, freeze_groups=3, opt=OptimizerName.sgd):
@@ -129,7 +130,7 @@ def test_no_autograd_work_through_the_frozen_prefix():
 def test_frozen_groups_run_without_dropout_or_stochastic_depth_until_unfrozen():
     from torchvision.ops import StochasticDepth
 
-    from finetune_cli.train.strategies import is_stochastic
+    from finetune_cli.train.freezing import is_stochastic
 
     torch.manual_seed(0)
     built = create_model("efficientnet_b0", WeightsChoice("none"), num_classes=3, image_size=32)

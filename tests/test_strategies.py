@@ -5,16 +5,36 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_cli.config import Monitor, ScheduleConfig, ScheduleName, StageConfig, StrategyConfig, StrategyName, Trigger
+from finetune_cli.config import (
+    BNMode, Monitor, ScheduleConfig, ScheduleName, StageConfig, StrategyConfig, StrategyName, Trigger,
+)
 from finetune_cli.errors import FinetuneError
+from finetune_cli.models.groups import LayerGroup
+from finetune_cli.plan import timeline, unfreeze_epoch
 from finetune_cli.train.optim import Schedule, layerwise_lrs
-from finetune_cli.train.strategies import Controller
+from finetune_cli.train.recipe import resolve
+from finetune_cli.train.strategies import (
+    Controller, Finished, KeepStageBest, RestoreStageBest, StageStarted, StageStopped, Unfroze, words,
+)
 
 NAMES = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
 
-def ctl(epochs=10, ipc=None, **kw):
-    return Controller(StrategyConfig(**kw), NAMES, epochs=epochs, images_per_class=ipc)
+def fake_groups():
+    groups = []
+    for name in NAMES:
+        module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        groups.append(LayerGroup(name, [name], list(module.named_parameters(prefix=name)), [module]))
+    return groups
+
+
+def ctl(epochs=10, ipc=None, groups=None, **kw):
+    recipe = resolve(StrategyConfig(**kw), NAMES, epochs=epochs, images_per_class=ipc)
+    return Controller(recipe, groups or fake_groups(), BNMode.frozen_eval, Monitor.val_acc)
+
+
+def trainable(groups):
+    return [all(p.requires_grad for _, p in g.params) for g in groups]
 
 
 def test_static_strategies():
@@ -27,6 +47,15 @@ def test_static_strategies():
         ctl(name=StrategyName.partial, train_groups=6)
 
 
+def test_controller_applies_its_own_mask():
+    groups = fake_groups()
+    c = ctl(groups=groups, name=StrategyName.progressive, every=1)
+    c.apply()
+    assert trainable(groups) == [False] * 5 + [True]
+    c.begin_epoch(2)
+    assert trainable(groups) == [False] * 4 + [True, True]  # no separate apply needed
+
+
 def test_progressive_by_epochs_unfreezes_top_down_until_the_limit():
     c = ctl(name=StrategyName.progressive, every=2, until=3)
     masks, events = [], []
@@ -34,10 +63,11 @@ def test_progressive_by_epochs_unfreezes_top_down_until_the_limit():
         events.append(c.begin_epoch(epoch))
         masks.append(sum(c.mask()) - 1)
     assert masks == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert events[2] == ["unfroze layer4 (1/5 groups below the head train)"]
-    assert events[6] == ["unfroze layer2 (3/5 groups below the head train)"] and events[8] == []
-    assert c.timeline() == ["epoch 1: head only", "epoch 3: +layer4", "epoch 5: +layer3", "epoch 7: +layer2"]
-    assert [c.unfreeze_epoch(i) for i in range(6)] == [None, None, 7, 5, 3, None]
+    assert events[2] == [Unfroze("layer4", 1, 5)]
+    assert words(events[2]) == ["unfroze layer4 (1/5 groups below the head train)"]
+    assert words(events[6]) == ["unfroze layer2 (3/5 groups below the head train)"] and events[8] == []
+    assert timeline(c.recipe) == ["epoch 1: head only", "epoch 3: +layer4", "epoch 5: +layer3", "epoch 7: +layer2"]
+    assert [unfreeze_epoch(c.recipe, i) for i in range(6)] == [None, None, 7, 5, 3, None]
     # the phase is a function of the epoch: a fresh controller lands in the same phase
     fresh = ctl(name=StrategyName.progressive, every=2, until=3)
     fresh.begin_epoch(6)
@@ -53,37 +83,40 @@ def masks_at(epoch, every, until):
 
 def test_progressive_on_plateau():
     c = ctl(name=StrategyName.progressive, trigger=Trigger.plateau, plateau_patience=2)
-    model = nn.Linear(1, 1)
     assert c.begin_epoch(1) == [] and sum(c.mask()) == 1
-    assert c.end_epoch(1, 0.5, model) == []
-    assert c.end_epoch(2, 0.5, model) == []
-    assert c.end_epoch(3, 0.4, model) == ["unfroze layer4 (1/5 groups below the head train)"]
+    assert c.end_epoch(1, 0.5) == []
+    assert c.end_epoch(2, 0.5) == []
+    assert words(c.end_epoch(3, 0.4)) == ["unfroze layer4 (1/5 groups below the head train)"]
     assert c.begin_epoch(4) == [] and sum(c.mask()) == 2  # the epoch count does not unfreeze
     state = c.state_dict()
     again = ctl(name=StrategyName.progressive, trigger=Trigger.plateau, plateau_patience=2)
     again.load_state_dict(state)
-    assert again.mask() == c.mask() and again.bad == c.bad == 0
+    assert again.mask() == c.mask() and again.tracker.bad_epochs == c.tracker.bad_epochs == 0
+    assert again.tracker.best == c.tracker.best == 0.5
 
 
-def test_staged_switches_stages_and_restores_the_stage_best():
+def test_staged_switches_stages_and_asks_for_the_stage_best():
     stages = [StageConfig(epochs=3, train_groups=1, lr_mult=1.0, patience=1), StageConfig(epochs=2, train_groups=-1, lr_mult=0.1)]
     c = ctl(name=StrategyName.staged, stages=stages, epochs=99)
     assert c.epochs == 5  # the stages set the length of the run
     assert c.mask() == [False] * 4 + [True, True] and c.lr_mult == 1.0
-    model = nn.Linear(2, 2)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    c.end_epoch(1, 0.7, model)  # best of stage 1
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-    events = c.end_epoch(2, 0.6, model)  # worse: patience 1 ends stage 1 early
-    assert events[0].startswith("stage 1 stopped early")
-    assert "restored the best weights of stage 1" in events[1]
-    assert events[2] == "stage 2/2: all groups, lr x0.1"
-    assert torch.all(model.weight == 1.0)  # weights of epoch 1 are back
+    assert c.end_epoch(1, 0.7) == [KeepStageBest()]  # best of stage 1: keep its checkpoint
+    events = c.end_epoch(2, 0.6)  # worse: patience 1 ends stage 1 early
+    assert events == [StageStopped(1, 1), RestoreStageBest(1, 0.7, 1), StageStarted(2, 2, "all groups", 0.1)]
+    assert words(events)[1] == "restored the best weights of stage 1 (val 0.7000, epoch 1)"
+    assert words(events)[2] == "stage 2/2: all groups, lr x0.1"
     assert c.mask() == [True] * 6 and c.lr_mult == 0.1
+    assert c.stage_best_epoch is None and c.tracker.best_epoch == -1  # the new stage starts afresh
     with pytest.raises(FinetuneError, match="needs strategy.stages"):
         ctl(name=StrategyName.staged)
+
+
+def test_last_stage_with_patience_finishes_the_run():
+    stages = [StageConfig(epochs=1, train_groups=0), StageConfig(epochs=5, train_groups=-1, patience=1)]
+    c = ctl(name=StrategyName.staged, stages=stages)
+    assert isinstance(c.end_epoch(1, 0.5)[-1], StageStarted)
+    assert c.end_epoch(2, 0.6) == [KeepStageBest()]
+    assert c.end_epoch(3, 0.6) == [Finished(1)] and c.finished
 
 
 @pytest.mark.parametrize(
@@ -92,9 +125,10 @@ def test_staged_switches_stages_and_restores_the_stage_best():
 )
 def test_auto_chooses_by_images_per_class(ipc, chose, k, decay):
     c = ctl(name=StrategyName.auto, ipc=ipc)
-    assert c.decision["chose"] == chose and c.decision["images_per_class"] == ipc
-    assert f"{float(ipc):.1f} training images per class" in c.decision["reason"]
-    assert sum(c.mask()) - 1 == k and c.lr_decay == decay
+    decision = c.recipe.decision
+    assert decision["chose"] == chose and decision["images_per_class"] == ipc
+    assert f"{float(ipc):.1f} training images per class" in decision["reason"]
+    assert sum(c.mask()) - 1 == k and c.recipe.lr_decay == decay
 
 
 def test_layerwise_lrs():
