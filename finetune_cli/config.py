@@ -89,6 +89,7 @@ class ScheduleName(str, Enum):
     cosine_restarts = "cosine_restarts"
     onecycle = "onecycle"
     plateau = "plateau"
+    stlr = "stlr"  # ULMFiT's slanted triangular LR
 
 
 class Device(str, Enum):
@@ -217,6 +218,8 @@ class ScheduleConfig:
     restart_mult: int = 1  # cosine_restarts: cycle length multiplier
     pct_start: float = 0.3  # onecycle: fraction of steps spent rising
     plateau_patience: int = 2
+    cut_frac: float = 0.1  # stlr: fraction of steps spent rising
+    ratio: float = 32.0  # stlr: how much smaller the lowest LR is than the peak
 
 
 @dataclass

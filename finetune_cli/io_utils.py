@@ -94,6 +94,21 @@ def pickle_globals(path: Path) -> List[str]:
     return list(dict.fromkeys(found))
 
 
+def refused_globals(path: Path) -> List[str]:
+    """What a pickle that ``weights_only=True`` refused would import. For a torch zip archive,
+    torch's own list of the globals its weights-only unpickler does not allow (where this torch
+    has ``get_unsafe_globals_in_checkpoint``); otherwise an opcode scan (``pickle_globals``)."""
+    import zipfile
+
+    unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if unsafe is not None and zipfile.is_zipfile(path):
+        try:
+            return list(unsafe(path))
+        except Exception:  # a damaged archive: fall back to reading the opcodes
+            pass
+    return [g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBAL_PREFIXES)]
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: a pickle that would import or call anything
     beyond tensors and plain containers is refused, naming what it asked for, and never run."""
@@ -106,7 +121,7 @@ def safe_torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        blocked = [g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBAL_PREFIXES)]
+        blocked = refused_globals(path)
         if blocked:
             detail = f"it would import {', '.join(blocked[:5])}, which is not allowed"
         else:

@@ -131,3 +131,24 @@ def test_vit_pretrained_at_one_size_is_resized_for_another():
     assert torch.equal(resized.encoder.pos_embedding[:, 0], model.encoder.pos_embedding[:, 0])  # class token slot
     resized.eval()
     assert resized(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("family", ["squeezenet", "efficientnet", "vit", "googlenet"])
+def test_a_file_head_becomes_a_source_head_that_swaps_in(tmp_path, family):
+    from finetune_cli.models import swapped_head
+
+    name, size = REPRESENTATIVES[family]
+    torch.manual_seed(0)
+    source = create_model(name, WeightsChoice("none"), num_classes=7, image_size=size)
+    path = tmp_path / "source.pt"
+    torch.save(source.model.state_dict(), path)
+    built = create_model(name, WeightsChoice("file", path=path), num_classes=3, image_size=size)
+    assert built.source_head is not None
+    model, x = built.model.eval(), torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        with swapped_head(model, built.family, built.source_head):
+            swapped = model(x)
+        assert model(x).shape == (1, 3)  # the target head is back
+        expected = source.model.eval()(x)
+    assert swapped.shape == (1, 7)
+    assert torch.allclose(swapped, expected, atol=1e-5)  # the source model's own predictions

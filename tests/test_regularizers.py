@@ -71,3 +71,62 @@ def test_fisher_matches_a_per_image_computation():
     for f, e in zip(fisher, expected):
         assert torch.allclose(f, e / 4, atol=1e-7)
     assert all(p.requires_grad for _, p in backbone)  # flags restored
+
+
+def _resnet():
+    from finetune_cli.models import WeightsChoice, create_model
+
+    torch.manual_seed(0)
+    return create_model("resnet18", WeightsChoice("none"), num_classes=3, image_size=32)
+
+
+def test_fisher_is_estimated_through_the_source_head():
+    import copy
+
+    from finetune_cli.train.regularizers import backbone_params, fisher_with_source_head
+
+    built = _resnet()
+    model, family = built.model, built.family
+    torch.manual_seed(1)
+    source_head = nn.Linear(512, 7)  # the pretrained classifier of a 7-class source task
+    target_head = model.fc
+    images = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    backbone = backbone_params(built.groups, family)
+    assert backbone and not any(n.startswith("fc.") for n, _ in backbone)
+
+    fisher = fisher_with_source_head(model, family, source_head, backbone, images, torch.device("cpu"), 3, seed=5)
+    assert model.fc is target_head  # the target head is back in place
+
+    pretrained = copy.deepcopy(model)  # the pretrained model as it was: source head in place
+    pretrained.fc = copy.deepcopy(source_head)
+    direct = estimate_fisher(pretrained, [(n, pretrained.get_parameter(n)) for n, _ in backbone],
+                             images, torch.device("cpu"), 3, seed=5)
+    for f, d in zip(fisher, direct):
+        assert torch.allclose(f, d, rtol=1e-4, atol=1e-12)
+
+    through_target = estimate_fisher(model, backbone, images, torch.device("cpu"), 3, seed=5)
+    assert not all(torch.allclose(f, t, rtol=1e-2) for f, t in zip(fisher, through_target))
+
+
+def test_swapped_head_puts_the_target_head_back_after_an_error():
+    from finetune_cli.models import swapped_head
+
+    built = _resnet()
+    target = built.model.fc
+    with pytest.raises(ValueError):
+        with swapped_head(built.model, built.family, nn.Linear(512, 7)):
+            assert built.model.fc.out_features == 7
+            raise ValueError
+    assert built.model.fc is target
+
+
+def test_ewc_without_a_source_head_is_a_clear_error():
+    from finetune_cli.errors import FinetuneError
+    from finetune_cli.train.regularizers import backbone_params, fisher_with_source_head
+
+    built = _resnet()
+    assert built.source_head is None  # random init has no pretrained classifier
+    with pytest.raises(FinetuneError, match="regularizer=l2sp") as err:
+        fisher_with_source_head(built.model, built.family, built.source_head, backbone_params(built.groups, built.family),
+                                [torch.randn(1, 3, 32, 32)], torch.device("cpu"), 1, weights="random init")
+    assert "(random init) comes without one" in str(err.value) and "include their classifier" in str(err.value)

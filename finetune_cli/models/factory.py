@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
@@ -15,7 +17,7 @@ from finetune_cli.config import HeadType
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models.families import Family, family_of
 from finetune_cli.models.groups import LayerGroup, layer_groups
-from finetune_cli.models.weights import WeightsChoice, ensure_downloaded, read_state_dict
+from finetune_cli.models.weights import WeightsChoice, ensure_downloaded, read_weights
 from finetune_cli.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ class BuiltModel:
     preprocess: Preprocess
     weights: str  # description of where the weights came from
     notes: List[str] = field(default_factory=list)
+    # the pretrained classifier of the source task (torchvision's 1000-way head, the synthetic
+    # source task's head, a weights file's own head), main head only; None when the weights
+    # carry none (random init, a head-less file). Not part of ``model``: see ``swapped_head``.
+    source_head: Optional[nn.Module] = None
 
 
 def classification_models() -> List[str]:
@@ -98,10 +104,61 @@ def head_prefixes(family: Family) -> List[str]:
     return [p + "." for p in (family.head, *family.aux_modules, *family.aux_heads)]
 
 
-def load_weights_file(model: nn.Module, family: Family, choice: WeightsChoice) -> List[str]:
+@contextmanager
+def swapped_head(model: nn.Module, family: Family, head: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with ``head`` in place of its main head; the model's own head is put back
+    on exit, also after an error."""
+    own = model.get_submodule(family.head)
+    _set_submodule(model, family.head, head)
+    try:
+        yield model
+    finally:
+        _set_submodule(model, family.head, own)
+
+
+def _layer_index(key: str) -> int:
+    first = key.split(".")[0]
+    return int(first) if first.isdigit() else -1
+
+
+def head_from_tensors(template: nn.Module, tensors: Dict[str, torch.Tensor]) -> Optional[nn.Module]:
+    """A classifier holding ``tensors`` (keys relative to the head): a linear head, a dropout and
+    linear head or an MLP head (the shapes ``model.head`` builds), for the features ``template``
+    (the architecture's own head) takes. None when the tensors fit none of them."""
+    weights = sorted((k for k, v in tensors.items() if k.endswith("weight") and v.ndim >= 2), key=_layer_index)
+    if not weights:
+        return None
+    classes = tensors[weights[-1]].shape[0]
+    specs = [HeadSpec(), HeadSpec(dropout=0.5), HeadSpec(HeadType.mlp, hidden=tensors[weights[0]].shape[0])]
+    for spec in specs:
+        try:
+            head = _new_head(template, classes, spec)
+        except FinetuneError:  # no MLP head for SqueezeNet
+            continue
+        own = head.state_dict()
+        if own.keys() == tensors.keys() and all(own[k].shape == tensors[k].shape for k in own):
+            head.load_state_dict(tensors)
+            return head
+    return None
+
+
+def load_weights_file(
+    model: nn.Module, family: Family, choice: WeightsChoice, template: Optional[nn.Module] = None
+) -> Tuple[List[str], Optional[nn.Module]]:
     """Load a file into the model. Head tensors that are absent or of another shape (a different
-    number of classes) keep their fresh init; any other mismatch is an error naming the keys."""
-    state = read_state_dict(choice.path)
+    number of classes) keep their fresh init; any other mismatch is an error naming the keys.
+
+    Also returns the file's classifier as a module of its own (the source head), from the head
+    tensors of its state dict or from the ``source_head`` it keeps apart (synthetic weights, whose
+    head never loads into the model); None without one. ``template``: the architecture's own
+    head, which the source head is built for (default: the model's current head)."""
+    state, apart = read_weights(choice.path)
+    main = family.head + "."
+    file_head = apart if apart is not None else state
+    source_head = head_from_tensors(
+        template if template is not None else model.get_submodule(family.head),
+        {k[len(main):]: v for k, v in file_head.items() if k.startswith(main)},
+    )
     own = model.state_dict()
     heads = head_prefixes(family)
 
@@ -135,8 +192,8 @@ def load_weights_file(model: nn.Module, family: Family, choice: WeightsChoice) -
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     fresh += [k for k in missing if in_head(k)]
     if fresh:
-        return [f"head initialised fresh, not from the file ({len(fresh)} tensors: new classes)"]
-    return ["all tensors loaded from the file, head included"]
+        return [f"head initialised fresh, not from the file ({len(fresh)} tensors: new classes)"], source_head
+    return ["all tensors loaded from the file, head included"], source_head
 
 
 def preprocess_for(name: str, choice: WeightsChoice, image_size: Optional[int]) -> Preprocess:
@@ -195,12 +252,15 @@ def create_model(
     if family.input_size_kwarg and model.image_size != preprocess.crop_size:
         model = _resize_vit(model, name, preprocess.crop_size)
 
+    original = model.get_submodule(family.head)
     replace_heads(model, family, num_classes, head)
     notes: List[str] = []
+    source_head: Optional[nn.Module] = None
     if choice.kind == "file":
-        notes = load_weights_file(model, family, choice)
+        notes, source_head = load_weights_file(model, family, choice, original)
     elif choice.kind == "torchvision":
         notes = [f"head replaced for {num_classes} classes"]
+        source_head = original
     return BuiltModel(
         model=model,
         family=family,
@@ -208,6 +268,7 @@ def create_model(
         preprocess=preprocess,
         weights=choice.describe(),
         notes=notes,
+        source_head=source_head,
     )
 
 
@@ -217,4 +278,4 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BuiltModel", "HeadSpec", "create_model", "count_params"]
+__all__ = ["BuiltModel", "HeadSpec", "create_model", "count_params", "swapped_head"]

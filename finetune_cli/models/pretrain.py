@@ -2,7 +2,9 @@
 
 The source task's classes are disjoint from the target task's (see ``synthetic.class_pool``),
 so fine-tuning these weights on the target task shows real transfer without a download. The
-result is cached per model and image size; the file holds no head.
+result is cached per model and image size. The file's state dict holds no head, so fine-tuning
+starts from a fresh target head; the source task's classifier is kept apart (``source_head``,
+main head only) as the source head that EWC estimates its Fisher information through.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from finetune_cli.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SOURCE = dict(classes=16, train_per_class=100, val_per_class=20, seed=1234)
 EPOCHS = 15
 LR = 2e-3
@@ -83,10 +85,11 @@ def synthetic_weights(
             monitor=Monitor.val_acc,
         )
         criterion = nn.CrossEntropyLoss()
+        scaler = precision.scaler(device)  # fp16 needs loss scaling, as in fine-tuning
         for epoch in range(1, EPOCHS + 1):
             tr = train_one_epoch(
                 model, train_loader, optimizer, criterion, device,
-                step_schedule=schedule.step_batch, precision=precision,
+                step_schedule=schedule.step_batch, precision=precision, scaler=scaler,
                 aux_weight=0.3, progress=progress, desc=f"pretrain {epoch}/{EPOCHS}",
             )
             va = evaluate(model, val_loader, criterion, device, precision=precision)
@@ -95,6 +98,9 @@ def synthetic_weights(
                 f"val acc {100 * va.acc:5.1f}%  {tr.seconds + va.seconds:.1f}s"
             )
     heads = head_prefixes(built.family)
-    state = {k: v.cpu() for k, v in model.state_dict().items() if not any(k.startswith(h) for h in heads)}
-    atomic_torch_save({"model": state, "source_val_acc": va.acc, "source_classes": splits.classes}, path)
+    full = {k: v.cpu() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in full.items() if not any(k.startswith(h) for h in heads)}
+    source_head = {k: v for k, v in full.items() if k.startswith(built.family.head + ".")}
+    atomic_torch_save({"model": state, "source_head": source_head, "source_val_acc": va.acc,
+                       "source_classes": splits.classes}, path)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -61,23 +61,34 @@ def resolve_weights(model_name: str, spec: Optional[str]) -> WeightsChoice:
     return WeightsChoice("torchvision", torchvision=enum_cls[name])
 
 
+def hub_file(weights: Any) -> Path:
+    """Where torch hub keeps the file of torchvision ``weights`` ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
 def ensure_downloaded(weights: Any, progress: bool) -> None:
-    """Fetch torchvision weights into the torch hub cache, or stop with the remedies."""
-    filename = os.path.basename(urlparse(weights.url).path)
-    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    """Fetch torchvision weights into the torch hub cache, or stop with the remedies.
+
+    The download goes through torchvision (``get_state_dict(check_hash=True)``): the file's
+    SHA-256 must start with the hash in its name, else it is deleted and refused. The model
+    builder then finds the file in the cache and reads it from there, without downloading again.
+    """
+    target = hub_file(weights)
     if target.is_file():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(weights.url, str(target), progress=progress)
+        weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
     except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
+        corrupt = "hash" in str(exc)
         raise FinetuneError(
             f"Could not download pretrained weights {type(weights).__name__}.{weights.name} "
-            f"from {weights.url} ({type(exc).__name__}: {exc}). Remedies: connect to the "
-            f"internet and rerun; or copy the file to {target} (the torch hub cache, set by "
-            "$TORCH_HOME); or pass a local file with model.weights=/path/to/weights.pth; or "
-            "model.weights=synthetic for offline demo weights; or model.weights=null to train "
-            "from random init on purpose. Nothing was trained."
+            f"from {weights.url} ({type(exc).__name__}: {exc})"
+            f"{'; the downloaded file is not the published one and was deleted' if corrupt else ''}. "
+            f"Remedies: connect to the internet and rerun; or copy the file to {target} (the "
+            "torch hub cache, set by $TORCH_HOME); or pass a local file with "
+            "model.weights=/path/to/weights.pth; or model.weights=synthetic for offline demo "
+            "weights; or model.weights=null to train from random init on purpose. Nothing was "
+            "trained."
         ) from None
 
 
@@ -86,11 +97,20 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
 
     Pickle files load with ``weights_only=True``: a file that would run code is refused.
     """
+    return read_weights(path)[0]
+
+
+def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """``read_state_dict``, plus the source task's classifier where the file keeps it apart from
+    the model's state dict (a ``source_head`` entry, as synthetic weights do), else None."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), None
     obj = safe_torch_load(path)
+    apart = None
+    if isinstance(obj, dict) and isinstance(obj.get("source_head"), dict):
+        apart = {k.removeprefix("module."): v for k, v in obj["source_head"].items()}
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -101,4 +121,4 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             f"Weights file {path} holds no state dict (a mapping of names to tensors). Save it "
             "with torch.save(model.state_dict(), path)."
         )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}, apart

@@ -9,7 +9,7 @@ rates keep their ratios under every schedule.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch.optim import lr_scheduler as sched
@@ -46,12 +46,28 @@ def layerwise_lrs(
 
 
 def param_groups(
-    groups: Sequence[LayerGroup], lrs: Sequence[float], weight_decay: float
+    groups: Sequence[LayerGroup],
+    lrs: Sequence[float],
+    weight_decay: float,
+    anchored: Iterable[Union[str, torch.Tensor]] = (),
 ) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups, one or two per layer group (with and without weight decay).
+
+    ``anchored``: parameters (or their names) that a penalty pulls towards their pretrained
+    values (L2-SP, EWC). They take no weight decay: the penalty replaces it, instead of decay
+    pulling them towards 0 at the same time. Parameters not anchored (the new head) keep it.
+    """
+    anchored = list(anchored)
+    anchored_ids = {id(a) for a in anchored if isinstance(a, torch.Tensor)}
+    anchored_names = {a for a in anchored if isinstance(a, str)}
+
+    def decays(name: str, param: torch.nn.Parameter) -> bool:
+        return not (no_decay(name, param) or id(param) in anchored_ids or name in anchored_names)
+
     out: List[Dict[str, Any]] = []
     for group, lr in zip(groups, lrs):
-        decay = [p for n, p in group.params if not no_decay(n, p)]
-        plain = [p for n, p in group.params if no_decay(n, p)]
+        decay = [p for n, p in group.params if decays(n, p)]
+        plain = [p for n, p in group.params if not decays(n, p)]
         for params, wd in ((decay, weight_decay), (plain, 0.0)):
             if params:
                 out.append({"params": params, "lr": lr, "weight_decay": wd, "group": group.name})
@@ -86,8 +102,31 @@ class _Cosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+class _Slanted:
+    """ULMFiT's slanted triangular LR (Howard & Ruder, 2018) as a factor on each group's LR:
+    a linear rise from ``1 / ratio`` to 1 over the first ``cut = floor(total * cut_frac)`` steps,
+    then a linear fall back to ``1 / ratio`` at step ``total``."""
+
+    def __init__(self, total: int, cut_frac: float, ratio: float):
+        self.total, self.cut_frac, self.ratio = max(1, total), cut_frac, ratio
+        self.cut = max(1, math.floor(self.total * cut_frac))
+
+    def __call__(self, step: int) -> float:
+        t = min(step, self.total)
+        if t < self.cut:
+            p = t / self.cut
+        else:
+            p = max(0.0, 1 - (t - self.cut) / (self.cut * (1 / self.cut_frac - 1)))
+        return (1 + p * (self.ratio - 1)) / self.ratio
+
+
 class Schedule:
     """One LR schedule, stepped after every batch (and once per epoch for plateau).
+
+    ``onecycle`` and ``stlr`` (slanted triangular) rise from a low LR on their own, so they
+    ignore ``warmup_epochs``; every other schedule follows the linear warmup when it is set.
+    ``plateau`` reduces every group's LR by the same factor however small it gets (``eps=0``),
+    so per-group ratios hold after any number of reductions.
 
     On top of the schedule sits a *gate*: a factor on every group's LR (a stage's multiplier
     times an optional re-warmup ramp). The gate is taken off before each scheduler step and put
@@ -106,7 +145,7 @@ class Schedule:
         self.name = cfg.name
         total = max(1, epochs * steps_per_epoch)
         warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-        warm = min(warm, total - 1) if cfg.name != ScheduleName.onecycle else 0
+        warm = min(warm, total - 1) if cfg.name not in (ScheduleName.onecycle, ScheduleName.stlr) else 0
         main_steps = total - warm
         if cfg.name == ScheduleName.constant:
             main: Any = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -131,7 +170,17 @@ class Schedule:
                 mode="max" if monitor == Monitor.val_acc else "min",
                 factor=cfg.gamma,
                 patience=cfg.plateau_patience,
+                eps=0.0,
             )
+        elif cfg.name == ScheduleName.stlr:
+            if not 0 < cfg.cut_frac < 1 or not cfg.ratio >= 1:
+                raise FinetuneError(
+                    f"schedule=stlr needs 0 < schedule.cut_frac < 1 (the fraction of steps spent "
+                    f"rising; got {cfg.cut_frac}) and schedule.ratio >= 1 (how much lower the LR "
+                    f"starts and ends than its peak; got {cfg.ratio}). ULMFiT uses "
+                    "schedule.cut_frac=0.1 schedule.ratio=32."
+                )
+            main = sched.LambdaLR(optimizer, _Slanted(total, cfg.cut_frac, cfg.ratio))
         else:
             raise ValueError(cfg.name)
         self.plateau: Optional[sched.ReduceLROnPlateau] = main if cfg.name == ScheduleName.plateau else None

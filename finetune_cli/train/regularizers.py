@@ -6,8 +6,13 @@ Both act on the backbone (every group but the new head), on parameters that curr
 * EWC (Kirkpatrick et al., 2017): ``strength / 2 * sum F * (w - w0)^2`` with ``F`` a diagonal
   Fisher information estimate: the mean squared per-image gradient of the log-likelihood of a
   label drawn from the model's own prediction (no labels needed), at the pretrained weights.
-  It is estimated on images of the source task when ``regularizer.fisher_root`` is given, else
-  on the target training images, before training starts.
+  The prediction is the pretrained model's: the source task's classifier (``source_head``) is
+  put in place of the new, untrained target head while the Fisher is estimated. It is estimated
+  on images of the source task when ``regularizer.fisher_root`` is given, else on the target
+  training images, before training starts.
+
+Both replace weight decay on the anchored parameters: give ``backbone_params`` to
+``param_groups(..., anchored=...)`` so decay does not pull them towards 0 at the same time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from finetune_cli.errors import FinetuneError
+from finetune_cli.models.families import Family
+from finetune_cli.models.factory import head_prefixes, swapped_head
+from finetune_cli.models.groups import LayerGroup
 from finetune_cli.train.engine import split_outputs
 
 Named = Sequence[Tuple[str, nn.Parameter]]
@@ -86,3 +95,36 @@ def estimate_fisher(
             p.requires_grad_(flag)
         model.train(was_training)
     return [f / max(seen, 1) for f in fisher]
+
+
+def backbone_params(groups: Sequence[LayerGroup], family: Family) -> List[Tuple[str, nn.Parameter]]:
+    """The parameters a penalty anchors: every group but the head, without any classifier."""
+    heads = head_prefixes(family)
+    return [(n, p) for g in groups[:-1] for n, p in g.params if not any(n.startswith(h) for h in heads)]
+
+
+def fisher_with_source_head(
+    model: nn.Module,
+    family: Family,
+    source_head: Optional[nn.Module],
+    backbone: Named,
+    images: Iterable[torch.Tensor],
+    device: torch.device,
+    max_samples: int,
+    seed: int = 0,
+    weights: str = "as given",
+) -> List[torch.Tensor]:
+    """``estimate_fisher`` through the pretrained classifier: ``source_head`` (moved to
+    ``device``) replaces the model's head while the Fisher is estimated, then the target head
+    is put back. ``weights`` names the weights in the error raised when there is no source head."""
+    if source_head is None:
+        raise FinetuneError(
+            f"regularizer=ewc estimates its Fisher information through the pretrained classifier "
+            f"of the source task, but model.weights ({weights}) comes without one (random init, "
+            "or a weights file saved without its classifier), and through a new untrained head "
+            "the estimate would be meaningless. Use regularizer=l2sp, which needs no classifier, or weights that include "
+            "their classifier (a torchvision weights name, model.weights=synthetic, or a file "
+            "saved with its head)."
+        )
+    with swapped_head(model, family, source_head.to(device)):
+        return estimate_fisher(model, backbone, images, device, max_samples, seed=seed)
