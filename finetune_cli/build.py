@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from finetune_cli import ui
-from finetune_cli.config import AugmentName, Config, Monitor, RegularizerConfig, RegularizerName
+from finetune_cli.config import AugmentName, Config, Monitor, RegularizerConfig, RegularizerName, ScheduleConfig
 from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
-from finetune_cli.models.factory import head_prefixes, preprocess_for
+from finetune_cli.models.factory import preprocess_for
 from finetune_cli.models.groups import head_paths
 from finetune_cli.models.pretrain import synthetic_weights
 from finetune_cli.models.tail import Tail, find_tail
@@ -33,7 +33,7 @@ from finetune_cli.train.features import CacheDecision, decide, parse_switch, tra
 from finetune_cli.train.mixing import BatchMixer, make_mixer
 from finetune_cli.train.optim import Schedule, build_optimizer, layerwise_lrs, param_groups
 from finetune_cli.train.recipe import Recipe, resolve
-from finetune_cli.train.regularizers import AnchorPenalty, estimate_fisher
+from finetune_cli.train.regularizers import AnchorPenalty, backbone_params, fisher_with_source_head
 from finetune_cli.train.strategies import Controller
 
 log = logging.getLogger("finetune_cli")
@@ -90,6 +90,7 @@ class Parts:
     settings: FitSettings
     identity: Dict[str, Any]  # what every checkpoint says about the run
     notes: List[str] = field(default_factory=list)
+    schedule_name: str = ""
 
     @property
     def model(self) -> nn.Module:
@@ -128,16 +129,10 @@ def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) 
     return built
 
 
-def anchored(built: BuiltModel, reg: RegularizerConfig) -> list:
-    """The pretrained parameters a regularizer holds near their start: every group but the head."""
-    if reg.name == RegularizerName.none:
-        return []
-    heads = head_prefixes(built.family)
-    return [(n, p) for g in built.groups[:-1] for n, p in g.params if not any(n.startswith(h) for h in heads)]
-
-
 def regularizer(reg: RegularizerConfig, built: BuiltModel, backbone: list, splits: Splits, pre: Preprocess,
                 env: Env) -> Optional[AnchorPenalty]:
+    """L2-SP or EWC on the backbone. EWC's Fisher is estimated through the source task's own
+    classifier (the pretrained head before replacement), as the method defines it."""
     if reg.name == RegularizerName.none:
         return None
     if reg.name == RegularizerName.l2sp:
@@ -149,10 +144,22 @@ def regularizer(reg: RegularizerConfig, built: BuiltModel, backbone: list, split
         data, where = splits.train, "the target training images"
     loader = make_loader(data, batch_size=32, num_workers=env.workers, train=False, seed=0)
     started = time.perf_counter()
-    fisher = estimate_fisher(built.model, backbone, (x for x, _ in loader), env.device, reg.fisher_samples)
-    log.info(f"EWC: diagonal Fisher from {min(reg.fisher_samples, len(data))} of {where} "
+    fisher = fisher_with_source_head(built.model, built.family, built.source_head, backbone, (x for x, _ in loader),
+                                     env.device, reg.fisher_samples, weights=built.weights)
+    log.info(f"EWC: diagonal Fisher through the source head from {min(reg.fisher_samples, len(data))} of {where} "
              f"in {time.perf_counter() - started:.1f}s (mean {torch.cat([f.flatten() for f in fisher]).mean():.3e})")
     return AnchorPenalty(backbone, reg.strength, fisher)
+
+
+def schedule_config(cfg: Config) -> Tuple[ScheduleConfig, str]:
+    """The schedule, with the strategy's own where it needs one (strategy.schedule), and in words."""
+    sc, wanted = cfg.schedule, cfg.strategy.schedule
+    if wanted is None or wanted == sc.name:
+        return sc, f"Schedule: {sc.name.value}."
+    return replace(sc, name=wanted), (
+        f"Schedule: {wanted.value}, which the strategy needs (strategy.schedule={wanted.value}); it replaces "
+        f"schedule={sc.name.value}. Set strategy.schedule=null to run with schedule={sc.name.value} instead."
+    )
 
 
 def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_ok: bool = True) -> CacheDecision:
@@ -186,14 +193,17 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     controller = Controller(recipe, groups, cfg.strategy.bn, t.monitor)
     controller.apply()
     lrs = layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
-    backbone = anchored(built, cfg.regularizer)
-    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay),
+    backbone = backbone_params(groups, built.family) if cfg.regularizer.name != RegularizerName.none else []
+    # an anchoring penalty replaces weight decay on what it anchors; the new head keeps its decay
+    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay,
+                                                            anchored=[p for _, p in backbone]),
                                 fused=env.device.type == "cuda")
 
     bs, pin = cfg.data.batch_size, env.device.type == "cuda"
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed, pin_memory=pin)
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed, pin_memory=pin)
-    schedule = Schedule(cfg.schedule, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
+    schedule_cfg, schedule_note = schedule_config(cfg)
+    schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
     tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
     state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
                        train_loader.generator)
@@ -208,4 +218,5 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
         criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
         mixer=make_mixer(cfg.augment, len(splits.classes)), penalty=penalty, settings=settings,
         identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved},
+        notes=[schedule_note], schedule_name=schedule_cfg.name.value,
     )

@@ -13,12 +13,12 @@ from typing import Any, List
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_cli.config import Config, DataSource, Device
+from finetune_cli.config import Config, DataSource, Device, RegularizerName
 from finetune_cli.data.folders import resolve_workers
 from finetune_cli.errors import FinetuneError
 from finetune_cli.train.features import parse_switch
 from finetune_cli.models.factory import check_model_name
-from finetune_cli.models.weights import resolve_weights
+from finetune_cli.models.weights import RANDOM_NAMES, resolve_weights
 from finetune_cli.data.synthetic import class_pool
 
 
@@ -50,6 +50,12 @@ def typed_config(cfg: DictConfig) -> Config:
 
 
 def problems(cfg: Config) -> List[str]:
+    """Every problem found in the config, each a sentence naming the key and the remedy."""
+    return (_setup_problems(cfg) + _data_problems(cfg) + _augment_problems(cfg) + _training_problems(cfg)
+            + patience_problems(cfg))
+
+
+def _setup_problems(cfg: Config) -> List[str]:
     found: List[str] = []
 
     def attempt(fn) -> None:
@@ -64,32 +70,48 @@ def problems(cfg: Config) -> List[str]:
     attempt(lambda: resolve_workers(cfg.data.num_workers))
     attempt(lambda: parse_switch(cfg.data.cache_features, "data.cache_features"))
     attempt(lambda: parse_switch(cfg.trainer.channels_last, "trainer.channels_last"))
-    if cfg.data.source == DataSource.imagefolder:
-        if not cfg.data.root:
+    if cfg.logger.name.value == "tensorboard":
+        from finetune_cli.tblog import HINT, available
+
+        if not available():
+            found.append(HINT)
+    if cfg.trainer.resume and cfg.trainer.resume != "auto" and not Path(cfg.trainer.resume).expanduser().exists():
+        found.append(f"trainer.resume={cfg.trainer.resume} does not exist: give a checkpoint file or a run folder.")
+    if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():
+        found.append("trainer.device=cuda, but no CUDA GPU is visible to PyTorch; use trainer.device=auto or cpu.")
+    if cfg.preview_images < 1:
+        found.append(f"preview_images must be 1 or more (got {cfg.preview_images}).")
+    return found
+
+
+def _data_problems(cfg: Config) -> List[str]:
+    found: List[str] = []
+    data = cfg.data
+    if data.source == DataSource.imagefolder:
+        if not data.root:
             found.append(
                 "data.root is not set. Point it at your images (data.root=DIR with DIR/train/<class>/*), "
                 "or try data=synthetic, or `finetune-cli experiment=quickstart` for the offline demo."
             )
-        elif not Path(cfg.data.root).expanduser().is_dir():
-            found.append(f"data.root={cfg.data.root} does not exist (relative paths start at {Path.cwd()}).")
+        elif not Path(data.root).expanduser().is_dir():
+            found.append(f"data.root={data.root} does not exist (relative paths start at {Path.cwd()}).")
     else:
         limit = len(class_pool("target"))
-        if not 2 <= cfg.data.synthetic.classes <= limit:
-            found.append(f"data.synthetic.classes must be between 2 and {limit} (got {cfg.data.synthetic.classes}).")
-    positive = {
-        "trainer.epochs": cfg.trainer.epochs,
-        "data.batch_size": cfg.data.batch_size,
-        "optimizer.lr": cfg.optimizer.lr,
-        "strategy.lr_scale": cfg.strategy.lr_scale,
-    }
-    found += [f"{k} must be greater than 0 (got {v})." for k, v in positive.items() if not v > 0]
-    if cfg.data.image_size is not None and cfg.data.image_size < 16:
-        found.append(f"data.image_size={cfg.data.image_size} is too small; use 16 or more (or null for the weights' size).")
-    if not 0 < cfg.data.val_fraction < 1:
-        found.append(f"data.val_fraction must be between 0 and 1 (got {cfg.data.val_fraction}).")
-    for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
-        if not 0 <= value < 1:
-            found.append(f"{key} must be in [0, 1) (got {value}).")
+        if not 2 <= data.synthetic.classes <= limit:
+            found.append(f"data.synthetic.classes must be between 2 and {limit} (got {data.synthetic.classes}).")
+    if data.batch_size <= 0:
+        found.append(f"data.batch_size must be greater than 0 (got {data.batch_size}).")
+    if data.image_size is not None and data.image_size < 16:
+        found.append(f"data.image_size={data.image_size} is too small; use 16 or more (or null for the weights' size).")
+    if not 0 < data.val_fraction < 1:
+        found.append(f"data.val_fraction must be between 0 and 1 (got {data.val_fraction}).")
+    if data.max_image_pixels < 1:
+        found.append(f"data.max_image_pixels must be 1 or more (got {data.max_image_pixels}).")
+    return found
+
+
+def _augment_problems(cfg: Config) -> List[str]:
+    found: List[str] = []
     aug = cfg.augment
     for key in ("grayscale_p", "blur_p", "erasing_p", "mix_prob", "switch_prob"):
         if not 0 <= getattr(aug, key) <= 1:
@@ -103,31 +125,33 @@ def problems(cfg: Config) -> List[str]:
             found.append(f"augment.{key} must be 0 or more (got {getattr(aug, key)}).")
     if aug.blur_sigma < 0.1:
         found.append(f"augment.blur_sigma must be at least 0.1 (got {aug.blur_sigma}).")
-    if cfg.data.max_image_pixels < 1:
-        found.append(f"data.max_image_pixels must be 1 or more (got {cfg.data.max_image_pixels}).")
-    if cfg.preview_images < 1:
-        found.append(f"preview_images must be 1 or more (got {cfg.preview_images}).")
-    if cfg.logger.name.value == "tensorboard":
-        from finetune_cli.tblog import HINT, available
+    return found
 
-        if not available():
-            found.append(HINT)
+
+def _training_problems(cfg: Config) -> List[str]:
+    found: List[str] = []
+    positive = {"trainer.epochs": cfg.trainer.epochs, "optimizer.lr": cfg.optimizer.lr, "strategy.lr_scale": cfg.strategy.lr_scale}
+    found += [f"{k} must be greater than 0 (got {v})." for k, v in positive.items() if not v > 0]
+    for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
+        if not 0 <= value < 1:
+            found.append(f"{key} must be in [0, 1) (got {value}).")
     st, reg = cfg.strategy, cfg.regularizer
     if st.auto_small > st.auto_large:
         found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")
     if st.rewarmup_epochs < 0:
         found.append(f"strategy.rewarmup_epochs must be 0 or more (got {st.rewarmup_epochs}).")
-    found += patience_problems(cfg)
+    if st.freeze_groups < 0:
+        found.append(f"strategy.freeze_groups must be 0 or more (got {st.freeze_groups}).")
+    if reg.name == RegularizerName.ewc and (cfg.model.weights is None or cfg.model.weights.strip().lower() in RANDOM_NAMES):
+        found.append(
+            "regularizer=ewc weighs each weight by how much the pretrained model's own predictions depend on it, "
+            f"which needs pretrained weights with their classifier; model.weights={cfg.model.weights} is random init. "
+            "Give pretrained weights (DEFAULT, a file, synthetic), or use regularizer=l2sp."
+        )
     if reg.strength < 0:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
         found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")
-    if cfg.trainer.resume and cfg.trainer.resume != "auto" and not Path(cfg.trainer.resume).expanduser().exists():
-        found.append(f"trainer.resume={cfg.trainer.resume} does not exist: give a checkpoint file or a run folder.")
-    if cfg.strategy.freeze_groups < 0:
-        found.append(f"strategy.freeze_groups must be 0 or more (got {cfg.strategy.freeze_groups}).")
-    if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():
-        found.append("trainer.device=cuda, but no CUDA GPU is visible to PyTorch; use trainer.device=auto or cpu.")
     return found
 
 

@@ -179,6 +179,8 @@ class StrategyConfig:
     plateau_patience: int = 1  # trigger=plateau: epochs without improvement before unfreezing
     until: int = -1  # stop once this many groups below the head train; -1 = all
     rewarmup_epochs: float = 0.0  # after each unfreeze, ramp the LR up again over N epochs
+    # a schedule the strategy needs (ulmfit: stlr); it replaces schedule.name, null = schedule.name
+    schedule: Optional[ScheduleName] = None
     # staged
     stages: List[StageConfig] = field(default_factory=list)
     # auto: images per class below `auto_small` -> linear probe; below `auto_large` ->

@@ -69,7 +69,8 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     out += [f"Timeline: {step}" for step in timeline(recipe)]
     out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
     if cfg.regularizer.name != RegularizerName.none:
-        out.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone")
+        out.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone, "
+                   "in place of its weight decay (the head keeps optimizer.weight_decay)")
     out += parts.notes
     out.append(parts.caching.describe(parts.tail))
     return out
@@ -94,6 +95,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
         "auto": recipe.decision,
         "timeline": timeline(recipe),
         "regularizer": cfg.regularizer.name.value,
+        "schedule": parts.schedule_name,
         "dataset": {
             "name": cfg.data.source.value,
             "root": str(splits.root),

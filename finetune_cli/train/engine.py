@@ -112,19 +112,7 @@ def train_one_epoch(
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0:
             _check_finite(finite, loss, step, check_every, desc)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+        _update(loss, optimizer, params, scaler, grad_clip)
         step_schedule()
         n = targets.size(0)
         total_loss += loss.detach() * n
@@ -142,6 +130,24 @@ def train_one_epoch(
         seconds=seconds,
         interrupted=should_stop(),
     )
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+            scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]) -> None:
+    """Backward, optional clipping (of unscaled gradients), and the optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str) -> None:

@@ -120,6 +120,47 @@ class _Slanted:
         return (1 + p * (self.ratio - 1)) / self.ratio
 
 
+def main_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *, total: int, warm: int,
+                   steps_per_epoch: int, monitor: Monitor) -> Any:
+    """The torch scheduler of ``schedule.name`` over ``total`` steps, ``warm`` of them warmup."""
+    main_steps = total - warm
+    if cfg.name == ScheduleName.constant:
+        return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if cfg.name == ScheduleName.step:
+        return sched.StepLR(optimizer, step_size=max(1, cfg.step_epochs * steps_per_epoch), gamma=cfg.gamma)
+    if cfg.name == ScheduleName.cosine:
+        return sched.LambdaLR(optimizer, _Cosine(main_steps, cfg.min_lr_ratio))
+    if cfg.name == ScheduleName.cosine_restarts:
+        return sched.CosineAnnealingWarmRestarts(
+            optimizer, T_0=max(1, cfg.restart_epochs * steps_per_epoch), T_mult=cfg.restart_mult
+        )
+    if cfg.name == ScheduleName.onecycle:
+        return sched.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total,
+            pct_start=cfg.pct_start,
+        )
+    if cfg.name == ScheduleName.plateau:
+        return sched.ReduceLROnPlateau(
+            optimizer,
+            mode="max" if monitor == Monitor.val_acc else "min",
+            factor=cfg.gamma,
+            patience=cfg.plateau_patience,
+            eps=0.0,
+        )
+    if cfg.name == ScheduleName.stlr:
+        if not 0 < cfg.cut_frac < 1 or not cfg.ratio >= 1:
+            raise FinetuneError(
+                f"schedule=stlr needs 0 < schedule.cut_frac < 1 (the fraction of steps spent "
+                f"rising; got {cfg.cut_frac}) and schedule.ratio >= 1 (how much lower the LR "
+                f"starts and ends than its peak; got {cfg.ratio}). ULMFiT uses "
+                "schedule.cut_frac=0.1 schedule.ratio=32."
+            )
+        return sched.LambdaLR(optimizer, _Slanted(total, cfg.cut_frac, cfg.ratio))
+    raise ValueError(cfg.name)
+
+
 class Schedule:
     """One LR schedule, stepped after every batch (and once per epoch for plateau).
 
@@ -146,43 +187,7 @@ class Schedule:
         total = max(1, epochs * steps_per_epoch)
         warm = int(round(cfg.warmup_epochs * steps_per_epoch))
         warm = min(warm, total - 1) if cfg.name not in (ScheduleName.onecycle, ScheduleName.stlr) else 0
-        main_steps = total - warm
-        if cfg.name == ScheduleName.constant:
-            main: Any = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-        elif cfg.name == ScheduleName.step:
-            main = sched.StepLR(optimizer, step_size=max(1, cfg.step_epochs * steps_per_epoch), gamma=cfg.gamma)
-        elif cfg.name == ScheduleName.cosine:
-            main = sched.LambdaLR(optimizer, _Cosine(main_steps, cfg.min_lr_ratio))
-        elif cfg.name == ScheduleName.cosine_restarts:
-            main = sched.CosineAnnealingWarmRestarts(
-                optimizer, T_0=max(1, cfg.restart_epochs * steps_per_epoch), T_mult=cfg.restart_mult
-            )
-        elif cfg.name == ScheduleName.onecycle:
-            main = sched.OneCycleLR(
-                optimizer,
-                max_lr=[g["lr"] for g in optimizer.param_groups],
-                total_steps=total,
-                pct_start=cfg.pct_start,
-            )
-        elif cfg.name == ScheduleName.plateau:
-            main = sched.ReduceLROnPlateau(
-                optimizer,
-                mode="max" if monitor == Monitor.val_acc else "min",
-                factor=cfg.gamma,
-                patience=cfg.plateau_patience,
-                eps=0.0,
-            )
-        elif cfg.name == ScheduleName.stlr:
-            if not 0 < cfg.cut_frac < 1 or not cfg.ratio >= 1:
-                raise FinetuneError(
-                    f"schedule=stlr needs 0 < schedule.cut_frac < 1 (the fraction of steps spent "
-                    f"rising; got {cfg.cut_frac}) and schedule.ratio >= 1 (how much lower the LR "
-                    f"starts and ends than its peak; got {cfg.ratio}). ULMFiT uses "
-                    "schedule.cut_frac=0.1 schedule.ratio=32."
-                )
-            main = sched.LambdaLR(optimizer, _Slanted(total, cfg.cut_frac, cfg.ratio))
-        else:
-            raise ValueError(cfg.name)
+        main = main_scheduler(cfg, optimizer, total=total, warm=warm, steps_per_epoch=steps_per_epoch, monitor=monitor)
         self.plateau: Optional[sched.ReduceLROnPlateau] = main if cfg.name == ScheduleName.plateau else None
         self.per_batch: Optional[Any] = None
         if warm > 0:

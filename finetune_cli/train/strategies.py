@@ -219,7 +219,11 @@ class Controller:
         self.k, self.stage, self.stage_start = state["k"], state["stage"], state["stage_start"]
         self.stage_best_epoch, self.finished = state.get("stage_best_epoch"), state["finished"]
         self.tracker = self._new_tracker()
-        self.tracker.load_state_dict(state["tracker"])
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
+        else:  # checkpoints of earlier versions kept their own best/bad counter
+            self.tracker.best, self.tracker.bad_epochs = state["best"], state["bad"]
+            self.tracker.best_epoch = 0 if abs(state["best"]) != float("inf") else -1
         self.apply()
 
 

@@ -1,0 +1,166 @@
+"""A run's life in this process: finishing, stopping early, resuming a finished run, stage
+snapshots, the per-epoch record, and validation that ignores the training loss's smoothing."""
+
+import csv
+import re
+import signal
+
+import pytest
+import torch
+
+from finetune_cli.errors import FinetuneError
+from finetune_cli.train import fit as fit_module
+from finetune_cli.train.engine import EpochResult
+
+TINY = ("debug=tiny",)
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(run_dir):
+    """Every file the run wrote, with its bytes and modification time."""
+    files = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"]
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch):
+    """Validation reports the given accuracies, epoch after epoch, while training runs for real."""
+
+    def script(accs):
+        values = iter(accs)
+
+        def fake_evaluate(model, loader, criterion, device, **kw):
+            return EpochResult(loss=1.0, acc=next(values), images=1, seconds=0.0)
+
+        monkeypatch.setattr(fit_module, "evaluate", fake_evaluate)
+
+    return script
+
+
+def test_resuming_a_completed_run_changes_nothing(finetune):
+    summary, run = finetune(*TINY, "trainer.epochs=2")
+    assert summary["status"] == "completed"
+    before = snapshot(run)
+    again, same = finetune(*TINY, "trainer.epochs=2", "trainer.resume=auto", out_dir=run)
+    assert same == run
+    assert again["status"] == "completed" and again["best"] == summary["best"]
+    assert snapshot(run) == before  # not a byte, not a timestamp
+
+
+def test_resuming_an_early_stopped_run_trains_no_more(finetune, scripted_validation, caplog):
+    scripted_validation([0.5, 0.4, 0.3])
+    summary, run = finetune(*TINY, "trainer.epochs=5", "trainer.patience=1")
+    assert summary["epochs_run"] == 2 and summary["stopped_early"]
+    assert "Early stopping" in caplog.text
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["finished"].startswith("early stopping")
+    before = snapshot(run)
+    again, _ = finetune(*TINY, "trainer.epochs=5", "trainer.patience=1", "trainer.resume=auto", out_dir=run)
+    assert again["epochs_run"] == 2 and snapshot(run) == before
+
+
+def test_a_finished_last_stage_ends_the_run_for_good(finetune, scripted_validation):
+    stages = "strategy.stages=[{epochs:1,train_groups:0},{epochs:4,train_groups:1,patience:1}]"
+    scripted_validation([0.5, 0.6, 0.6])
+    summary, run = finetune(*TINY, "strategy=staged", stages)
+    assert summary["epochs_run"] == 3 and summary["stopped_early"]
+    before = snapshot(run)
+    finetune(*TINY, "strategy=staged", stages, "trainer.resume=auto", out_dir=run)
+    assert snapshot(run) == before
+
+
+def test_stage_best_comes_back_from_its_checkpoint_file(finetune, scripted_validation):
+    """Stage 1 peaks at epoch 1 and stalls at epoch 2: stage 2 starts from epoch 1's weights and
+    optimizer moments, read from checkpoints/stage_best.pt, at stage 2's LR."""
+    stages = "strategy.stages=[{epochs:3,train_groups:1,patience:1},{epochs:1,train_groups:-1,lr_mult:0.1}]"
+    scripted_validation([0.5, 0.4, 0.6, 0.6])
+    summary, run = finetune(*TINY, "strategy=staged", stages, "trainer.save_every=1", "schedule=constant")
+    ck = run / "checkpoints"
+    first, second = (torch.load(ck / f"epoch_00{i}.pt", weights_only=True) for i in (1, 2))
+    assert "restored the best weights of stage 1" in second["metrics"]["events"]
+    for key, value in first["model"].items():
+        assert torch.equal(second["model"][key], value), key
+    for index, state in first["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(second["optimizer"]["state"][index][name], tensor), (index, name)
+    assert [g["lr"] for g in second["optimizer"]["param_groups"]] == pytest.approx(
+        [0.1 * g["lr"] for g in first["optimizer"]["param_groups"]])
+    # the snapshot is a file, not a copy of the weights inside every checkpoint
+    assert not any(torch.is_tensor(v) or isinstance(v, dict) and "model" in v for v in second["strategy"].values())
+    assert (ck / "last.pt").stat().st_size < 1.05 * (ck / "epoch_001.pt").stat().st_size
+
+
+def test_metrics_row_describes_the_epoch_it_ran(finetune, scripted_validation):
+    """A plateau unfreezes a group after epoch 2: that row still reports the head-only epoch."""
+    scripted_validation([0.5, 0.5, 0.5])
+    _, run = finetune(*TINY, "strategy=progressive", "strategy.trigger=plateau", "strategy.plateau_patience=1",
+                      "trainer.epochs=3")
+    r = rows(run)
+    assert [int(x["trainable_groups"]) for x in r] == [0, 0, 1]
+    assert r[0]["trainable_params"] == r[1]["trainable_params"] < r[2]["trainable_params"]
+    assert "unfroze layer4" in r[1]["events"]
+
+
+def test_validation_loss_does_not_move_with_label_smoothing(finetune):
+    losses = {}
+    for smoothing in (0.0, 0.4):
+        summary, run = finetune(*TINY, f"trainer.label_smoothing={smoothing}", "strategy=linear_probe",
+                                "optimizer.lr=1e-12", name=f"ls{smoothing}")
+        losses[smoothing] = (float(rows(run)[0]["train_loss"]), float(rows(run)[0]["val_loss"]))
+    assert losses[0.0][0] != pytest.approx(losses[0.4][0], rel=1e-3)  # training smooths its labels
+    assert losses[0.0][1] == pytest.approx(losses[0.4][1], rel=1e-6)  # validation does not
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.patience=0", "trainer.patience=0"),
+    ("strategy.plateau_patience=0", "strategy.plateau_patience=0"),
+    ("strategy.stages=[{epochs:2,patience:0}]", "strategy.stages[0].patience=0"),
+])
+def test_a_patience_of_zero_is_refused(finetune, override, key):
+    with pytest.raises(FinetuneError, match=re.escape(key) + ": give the number of epochs"):
+        finetune(*TINY, "strategy=staged" if "stages" in override else "strategy=progressive", override)
+
+
+def test_ulmfit_keeps_its_schedule_under_an_experiment_preset(finetune, caplog):
+    summary, _ = finetune("experiment=quickstart", *TINY, "strategy=ulmfit", "plan=true")
+    assert summary["schedule"] == "stlr"
+    assert "it replaces schedule=cosine" in caplog.text
+    summary, _ = finetune("experiment=quickstart", *TINY, "strategy=ulmfit", "strategy.schedule=null", "plan=true")
+    assert summary["schedule"] == "cosine"
+
+
+def test_anchoring_penalty_replaces_weight_decay_on_the_backbone(tmp_path):
+    from conftest import compose_config
+
+    from finetune_cli.build import build
+    from finetune_cli.checks import typed_config
+    from finetune_cli.record import Recorder
+
+    cfg, _ = compose_config([*TINY, "regularizer=l2sp", "strategy=full", "optimizer.weight_decay=0.05"])
+    parts = build(typed_config(cfg), Recorder(tmp_path), {}, training=True)
+    decay = {g["group"]: g["weight_decay"] for g in parts.optimizer.param_groups if g["weight_decay"] > 0}
+    assert decay == {"head": 0.05}  # weight matrices of the head only; the anchored backbone has none
+
+
+def test_ewc_without_pretrained_weights_is_refused_before_anything_runs(finetune):
+    with pytest.raises(FinetuneError, match="regularizer=ewc .* random init.*regularizer=l2sp"):
+        finetune(*TINY, "regularizer=ewc", "model.weights=null")
+
+
+def test_interrupted_in_the_first_resumed_epoch_names_the_saved_epochs(tmp_path, caplog):
+    from finetune_cli.record import Recorder
+    from finetune_cli.train.shutdown import Interrupted
+
+    source = tmp_path / "old" / "checkpoints" / "last.pt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"x")
+    rec = Recorder(tmp_path / "new", command="finetune-cli x=1")
+    rec.resumed(source, 3, history=[], events=[])
+    with caplog.at_level("WARNING", logger="finetune_cli"):
+        exit_ = rec.interrupted(Interrupted(signal.SIGTERM, 4))
+    assert exit_.code == 143
+    assert "Epochs 1-3 are saved in" in caplog.text and f"trainer.resume={source}" in caplog.text
+    assert "1-0" not in caplog.text
