@@ -130,3 +130,30 @@ def test_dominant_label_and_label_smoothing_with_soft_targets():
     hard = nn.CrossEntropyLoss(label_smoothing=eps)(logits, torch.tensor([0, 2]))
     onehot = nn.CrossEntropyLoss(label_smoothing=eps)(logits, nn.functional.one_hot(torch.tensor([0, 2]), 3).float())
     assert hard.item() == pytest.approx(onehot.item(), rel=1e-6)
+
+
+def test_preview_grid_shows_each_image_enlarged_with_its_label_below(tmp_path):
+    from finetune_cli.data.preview import LABEL_HEIGHT, grid_size, write_preview
+
+    pre = Preprocess(crop_size=32, resize_size=32)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0), (0, 255, 255)]
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    data = [((torch.tensor(c).float().view(3, 1, 1) / 255 - mean) / std * torch.ones(3, 32, 32), i)
+            for i, c in enumerate(colours)]
+    path = write_preview(data, ["red", "blue", "green", "yellow", "cyan"], pre, tmp_path / "p.png", count=5, seed=0)
+    cols, rows, tile = grid_size(5, 32)
+    assert (cols, rows, tile) == (3, 2, 128)
+    with Image.open(path) as img:
+        sheet = np.array(img.convert("RGB"))
+    assert sheet.shape == (rows * (tile + LABEL_HEIGHT), cols * tile, 3)
+    seen = set()
+    for k in range(5):
+        r, c = divmod(k, cols)
+        x0, y0 = c * tile, r * (tile + LABEL_HEIGHT)
+        cell = sheet[y0:y0 + tile, x0:x0 + tile].reshape(-1, 3)
+        (colour,) = {tuple(int(v) for v in px) for px in np.unique(cell, axis=0)}  # one solid, enlarged image
+        seen.add(colour)
+        label = sheet[y0 + tile:y0 + tile + LABEL_HEIGHT, x0:x0 + tile]
+        assert (label < 128).all(-1).any() and (label == 255).all(-1).mean() > 0.8  # dark text on white
+    assert seen == set(colours)
+    assert (sheet[tile + LABEL_HEIGHT:, 2 * tile:] == 255).all()  # the sixth cell is empty and white

@@ -19,7 +19,7 @@ SMALL = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.
 
 
 def tool(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", f"finetune_cli.{module}", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", f"finetune_cli.tools.{module}", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=600)
 
 
@@ -179,3 +179,74 @@ def test_tensorboard_logger_writes_scalars(tmp_path):
     assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
     rows = list(csv.DictReader((tmp_path / "runs" / "tb" / "metrics.csv").open()))
     assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([float(r["val_acc"]) for r in rows])
+
+
+def _fake_job(folder, overrides, summary):
+    from omegaconf import ListConfig, OmegaConf
+
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(ListConfig(overrides), folder / ".hydra" / "overrides.yaml")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def _done(strategy, best, kind="peak RSS since the run started"):
+    return {"status": "completed", "model": "resnet18", "strategy": strategy, "epochs_run": 2, "total_seconds": 3.0,
+            "best": {"monitor": "val_acc", "value": best, "epoch": 2}, "trainable_params": 10,
+            "trainable_params_final": 40, "total_params": 100, "peak_memory_mb": 812.4, "peak_memory_kind": kind}
+
+
+def test_overrides_are_read_as_yaml(tmp_path):
+    from finetune_cli.tools.table import read_overrides
+
+    written = ["strategy=full", "data.root='/my data'", "+tag=it's: here", "~trainer.seed", "hydra.run.dir=out/${now:%H}"]
+    _fake_job(tmp_path, written, None)
+    assert read_overrides(tmp_path) == {"strategy": "full", "data.root": "'/my data'", "tag": "it's: here",
+                                        "trainer.seed": "", "hydra.run.dir": "out/${now:%H}"}
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- [not closed\n")
+    assert read_overrides(tmp_path) == {}
+
+
+def test_sweep_ends_with_the_report_table_in_job_order(tmp_path, capsys):
+    from finetune_cli.tools.sweep import show_sweep
+
+    base = ["data=synthetic"]
+    for num, lr, summary in ((0, "0.1", _done("full", 0.5)), (1, "0.01", _done("full", 0.9)),
+                             (2, "1.0", {"status": "failed", "strategy": "full", "error": "ValueError: lr too high"}),
+                             (10, "0.001", None)):
+        _fake_job(tmp_path / f"{num}_optimizer.lr={lr}", [*base, "strategy=full", f"optimizer.lr={lr}"], summary)
+    show_sweep(tmp_path)
+    out = capsys.readouterr().out
+    assert out.startswith(f"Sweep: {tmp_path}")
+    lines = out.splitlines()
+    header = next(line for line in lines if "strategy" in line and "overrides" in line)
+    for col in ("job", "model", "status", "best", "train acc", "gap", "epochs", "time s", "img/s", "trainable",
+                "peak MB", "grad+opt MB"):
+        assert col in header, col
+    order = [line.split("│")[1].strip() for line in lines if line.startswith("│") and line.split("│")[1].strip()]
+    assert order == ["0", "1", "2", "10"]  # job order, not ranked by the best metric
+    assert "optimizer.lr=0.01" in out and "data=synthetic" not in out  # only what differs between the jobs
+    assert "failed: ValueError: lr too high" in out and "incomplete: no summary.json" in out
+    assert "0.900 (2)" in out and "10.0% -> 40.0%" in out
+    assert "peak MB: peak RSS since the run started" in out
+
+
+def test_report_says_what_each_peak_memory_figure_is(tmp_path):
+    _fake_job(tmp_path / "a", ["strategy=full"], _done("full", 0.9))
+    _fake_job(tmp_path / "b", ["strategy=linear_probe"],
+              _done("linear_probe", 0.5, kind="process peak RSS, includes earlier jobs in this process"))
+    proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    note = ("peak MB: [1] peak RSS since the run started; "
+            "[2] process peak RSS, includes earlier jobs in this process")
+    assert note in proc.stdout and "812 [1]" in proc.stdout and "812 [2]" in proc.stdout
+    md = (tmp_path / "report.md").read_text()
+    assert "812.4 [1]" in md and note.replace("peak MB", "peak_memory_mb") in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+@pytest.mark.parametrize("module", ["evaluate", "predict"])
+def test_device_cuda_without_a_gpu_names_the_option(module, tmp_path):
+    proc = tool(module, tmp_path / "run", tmp_path, "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--device=cuda, but no CUDA GPU is visible" in proc.stderr and "--device=cpu" in proc.stderr

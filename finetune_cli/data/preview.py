@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from finetune_cli.io_utils import atomic_write_bytes
 from finetune_cli.train.mixing import BatchMixer
@@ -31,11 +34,11 @@ def grid_size(n: int, crop: int) -> Tuple[int, int, int]:
     return cols, rows, tile
 
 
-def _to_pil(x: torch.Tensor, pre: Preprocess) -> Image.Image:
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
-    pixels = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+def _to_pixels(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """Normalized images (N, 3, H, W) back to uint8 pixels."""
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _label(target: torch.Tensor, classes: Sequence[str]) -> List[str]:
@@ -65,12 +68,13 @@ def write_preview(
     if mixer is not None:
         images, targets = mixer(images, targets)
     cols, rows, tile = grid_size(count, pre.crop_size)
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + LABEL_HEIGHT)), "white")
+    tiles = F.interpolate(_to_pixels(images, pre), size=(tile, tile), mode="nearest-exact")
+    tiles = F.pad(tiles, (0, 0, 0, LABEL_HEIGHT), value=255)  # white room for the label under each tile
+    sheet = to_pil_image(make_grid(tiles, nrow=cols, padding=0, pad_value=255))
     draw = ImageDraw.Draw(sheet)
     for k in range(count):
         r, c = divmod(k, cols)
         x0, y0 = c * tile, r * (tile + LABEL_HEIGHT)
-        sheet.paste(_to_pil(images[k], pre).resize((tile, tile), Image.NEAREST), (x0, y0))
         for line_no, line in enumerate(_label(targets[k], classes)):
             draw.text((x0 + 2, y0 + tile + 1 + 12 * line_no), line[: tile // 6], fill="black")
     buf = io.BytesIO()

@@ -8,7 +8,6 @@ model does not know is an error.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -18,18 +17,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main
+from finetune_cli.runtime import pick_device
+from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main, tool_parser
+from finetune_cli.tools.table import wide_console
 from finetune_cli.data.folders import image_folder, make_loader
 from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.data.transforms import decode_side, eval_transform
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu or auto.")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
 def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:
@@ -129,23 +124,20 @@ def show(result: Dict[str, Any], console: Console) -> None:
 
 @tool_main
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune-cli-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    parser = tool_parser("finetune-cli-eval", __doc__, device=True)
     parser.add_argument("folder", type=Path, help="DIR/<class>/* images")
     parser.add_argument("--out-dir", type=Path, help="where metrics.json and confusion.png go (default: RUN/eval-<DIR name>)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    device = pick_device(args.device, option="--device")
     loaded = load_for_inference(args.checkpoint, device)
     result = evaluate_folder(loaded, args.folder, batch_size=args.batch_size, workers=args.workers, device=device)
     out = args.out_dir or (loaded.run_dir or Path.cwd()) / f"eval-{args.folder.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_json(result, out / "metrics.json")
     confusion_png(result, out / "confusion.png")
-    console = Console()
-    show(result, console if console.is_terminal else Console(width=200))
+    show(result, wide_console())
     print(f"Wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     return 0
 

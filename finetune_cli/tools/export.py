@@ -10,7 +10,6 @@ and must stay within ``--tolerance``. ONNX needs the ``export`` extra
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -20,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main
+from finetune_cli.tools.loading import Loaded, load_for_inference, run_dir_of, tool_main, tool_parser
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
 
@@ -110,8 +109,7 @@ def export(checkpoint: str, out: Path, *, opset: int, tolerance: float, onnx: bo
 
 @tool_main
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune-cli-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    parser = tool_parser("finetune-cli-export", __doc__)
     parser.add_argument("--out-dir", type=Path, help="default: RUN/export (or ./export)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
@@ -122,8 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if out is None:
         from finetune_cli.train.checkpoint import resolve_checkpoint
 
-        path = resolve_checkpoint(args.checkpoint)
-        out = (path.parent.parent if path.parent.name == "checkpoints" else Path.cwd()) / "export"
+        out = (run_dir_of(resolve_checkpoint(args.checkpoint)) or Path.cwd()) / "export"
     card = export(args.checkpoint, out, opset=args.opset, tolerance=args.tolerance, onnx=not args.no_onnx,
                   program=not args.no_pt2)
     files = [card[k]["file"] for k in ("onnx", "torch_export") if k in card] + ["model_card.json"]

@@ -1,8 +1,9 @@
 """Opening a finetune-cli checkpoint for inference (the model, its classes and preprocessing),
-and the error handling shared by the file tools' entry points."""
+and the command line and error handling shared by the file tools' entry points."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from dataclasses import dataclass
@@ -53,9 +54,23 @@ def load_for_inference(spec: str, device: torch.device = torch.device("cpu")) ->
     model = built.model
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return Loaded(model, ckpt["model_name"], list(ckpt["classes"]), pre, path, int(ckpt.get("epoch", 0)),
-                  dict(ckpt.get("metrics") or {}), run_dir)
+                  dict(ckpt.get("metrics") or {}), run_dir_of(path))
+
+
+def run_dir_of(checkpoint: Path) -> Optional[Path]:
+    """The run folder a checkpoint was saved in (RUN/checkpoints/*.pt), or None."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def tool_parser(prog: str, doc: str, device: bool = False) -> argparse.ArgumentParser:
+    """The command line shared by the checkpoint tools: a CHECKPOINT argument, optionally --device;
+    the description is the first paragraph of the tool's docstring."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    if device:
+        parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
 
 
 def tool_main(fn: Callable[..., int]) -> Callable[..., int]:

@@ -7,7 +7,6 @@ the others are still predicted.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
@@ -15,15 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_cli.tools.loading import load_for_inference, tool_main
+from finetune_cli.runtime import pick_device
+from finetune_cli.tools.loading import load_for_inference, tool_main, tool_parser
+from finetune_cli.tools.table import wide_console
 from finetune_cli.data.folders import is_image, load_rgb
 from finetune_cli.train.engine import split_outputs
 from finetune_cli.errors import FinetuneError
-from finetune_cli.tools.evaluate import pick_device
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.data.transforms import decode_side, eval_transform
 
@@ -103,15 +102,14 @@ def write_outputs(rows: List[Dict[str, Any]], out: Path, k: int) -> None:
 
 @tool_main
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune-cli-predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint .pt or a run folder (its checkpoints/best.pt)")
+    parser = tool_parser("finetune-cli-predict", __doc__, device=True)
     parser.add_argument("paths", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where predictions.csv/json go (default: .)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
-    rows = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=pick_device(args.device))
+    device = pick_device(args.device, option="--device")
+    rows = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=device)
     k = max((len(r["top"]) for r in rows), default=1)
     table = Table()
     table.add_column("image", overflow="fold")
@@ -120,8 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in rows:
         cells = [f"{t['class']} {t['prob']:.3f}" for t in row["top"][:3]] or [f"error: {row['error']}"]
         table.add_row(row["path"], *cells, *[""] * (min(k, 3) - len(cells)))
-    console = Console()
-    (console if console.is_terminal else Console(width=200)).print(table)
+    wide_console().print(table)
     write_outputs(rows, args.out_dir, k)
     failed = sum(1 for r in rows if r["error"])
     print(f"{len(rows) - failed} images predicted, {failed} unreadable; wrote {args.out_dir / 'predictions.csv'} and "

@@ -1,0 +1,195 @@
+"""The run table: one row per run folder, from its ``summary.json``, ``metrics.csv`` and
+``.hydra/overrides.yaml``. ``finetune-cli-report`` prints it ranked; a sweep prints it at its
+end in job order. Also the console the tools print their tables to."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import ListConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class Run:
+    path: Path
+    row: Dict[str, Any]
+    metrics: List[Dict[str, float]] = field(default_factory=list)
+    override_map: Dict[str, str] = field(default_factory=dict)
+
+
+def wide_console() -> Console:
+    """The terminal's console; in logs and pipes one 200 columns wide, so tables do not fold."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def read_overrides(run: Path) -> Dict[str, str]:
+    """``key: value`` of the command-line overrides Hydra recorded for ``run`` (``+``/``~`` dropped)."""
+    try:
+        loaded = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(loaded, ListConfig):
+        return {}
+    found: Dict[str, str] = {}
+    for item in OmegaConf.to_container(loaded, resolve=False):
+        key, _, value = str(item).partition("=")
+        found[key.lstrip("+~")] = value
+    return found
+
+
+def _read_metrics(run: Path) -> List[Dict[str, float]]:
+    rows: List[Dict[str, float]] = []
+    try:
+        with (run / "metrics.csv").open() as f:
+            for raw in csv.DictReader(f):
+                row = {}
+                for k, v in raw.items():
+                    try:
+                        row[k] = float(v)
+                    except (TypeError, ValueError):
+                        row[k] = v  # type: ignore[assignment]
+                rows.append(row)
+    except (OSError, csv.Error):
+        pass
+    return rows
+
+
+def read_run(path: Path, root: Path) -> Run:
+    summary: Dict[str, Any] = {}
+    problem = None
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except FileNotFoundError:
+        problem = "no summary.json (stopped before its first epoch)"
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable summary.json ({type(exc).__name__})"
+    metrics = _read_metrics(path)
+    status = summary.get("status", "unknown")
+    if status == "running":
+        status = "running or interrupted"
+    if problem and status == "unknown":
+        status = "incomplete"
+    best = summary.get("best") or {}
+    last = metrics[-1] if metrics else {}
+    epoch_seconds = [m["epoch_seconds"] for m in metrics if isinstance(m.get("epoch_seconds"), float)]
+    train_acc, val_acc = last.get("train_acc"), last.get("val_acc")
+    row: Dict[str, Any] = {
+        "run": str(path.relative_to(root)) if path != root else path.name,
+        "status": status,
+        "model": summary.get("model", ""),
+        "strategy": summary.get("strategy", ""),
+        "overrides": "",
+        "monitor": best.get("monitor", ""),
+        "best": best.get("value"),
+        "best_epoch": best.get("epoch"),
+        "final_train_acc": train_acc,
+        "final_val_acc": val_acc,
+        "train_val_gap": (train_acc - val_acc) if isinstance(train_acc, float) and isinstance(val_acc, float) else None,
+        "epochs_run": summary.get("epochs_run", len(metrics) or None),
+        "total_seconds": summary.get("total_seconds"),
+        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+        "images_per_s": summary.get("train_images_per_s"),
+        "trainable_params": summary.get("trainable_params_final", summary.get("trainable_params")),
+        "total_params": summary.get("total_params"),
+        "trainable_pct": None,
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "grad_optimizer_mb": summary.get("grad_optimizer_mb"),
+        "feature_cache": _cache_label(summary.get("feature_cache")),
+        "error": summary.get("error") or problem or "",
+        # shown in the printed table, not written to report.csv
+        "initial_trainable_pct": None,
+        "peak_memory_kind": summary.get("peak_memory_kind") or "",
+    }
+    if row["trainable_params"] is not None and row["total_params"]:
+        row["trainable_pct"] = 100.0 * row["trainable_params"] / row["total_params"]
+        if summary.get("trainable_params") is not None:
+            row["initial_trainable_pct"] = 100.0 * summary["trainable_params"] / row["total_params"]
+    return Run(path, row, metrics, read_overrides(path))
+
+
+def _cache_label(cache: Optional[Dict[str, Any]]) -> str:
+    if not cache:
+        return ""
+    return "train+val" if cache.get("train") else "val" if cache.get("val") else "off"
+
+
+SHOWN_APART = ("model", "model.name", "strategy")  # these have columns of their own
+
+
+def _differing(runs: List[Run]) -> None:
+    keys = sorted({k for r in runs for k in r.override_map if k not in SHOWN_APART})
+    varying = [k for k in keys if len({r.override_map.get(k) for r in runs}) > 1]
+    for r in runs:
+        r.row["overrides"] = " ".join(f"{k}={r.override_map[k]}" for k in varying if k in r.override_map)
+
+
+def read_runs(paths: Sequence[Path], root: Path) -> List[Run]:
+    """The runs in ``paths``, in that order; their ``overrides`` column holds the overrides
+    whose values differ between them."""
+    runs = [read_run(p, root) for p in paths]
+    _differing(runs)
+    return runs
+
+
+def _num(value: Any, digits: int, signed: bool = False) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:,.{digits}f}"
+
+
+def memory_kinds(runs: Sequence[Run]) -> List[str]:
+    """What the peak memory figures are (summary.json's ``peak_memory_kind``), each kind once."""
+    return list(dict.fromkeys(r.row["peak_memory_kind"] for r in runs if r.row["peak_memory_kind"]))
+
+
+def memory_mark(run: Run, kinds: Sequence[str]) -> str:
+    """`` [n]``, the footnote for the run's kind of peak memory, where the runs' kinds differ."""
+    kind = run.row["peak_memory_kind"]
+    return f" [{kinds.index(kind) + 1}]" if len(kinds) > 1 and kind in kinds else ""
+
+
+def memory_footnote(kinds: Sequence[str], name: str = "peak MB") -> str:
+    """What the peak memory column holds: one kind, or each kind with its footnote number."""
+    if len(kinds) <= 1:
+        return f"{name}: {kinds[0]}" if kinds else ""
+    return f"{name}: " + "; ".join(f"[{i}] {kind}" for i, kind in enumerate(kinds, 1))
+
+
+def _trainable(row: Dict[str, Any]) -> str:
+    end, start = row["trainable_pct"], row["initial_trainable_pct"]
+    if end is None:
+        return "-"
+    return f"{end:.1f}%" if start is None or f"{start:.1f}" == f"{end:.1f}" else f"{start:.1f}% -> {end:.1f}%"
+
+
+def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -> Table:
+    """The runs as given, numbered 1, 2, ... as ranked, or by ``job_numbers`` (a sweep's jobs)."""
+    monitor = next((r.row["monitor"] for r in runs if r.row["monitor"]), "val_acc")
+    order = "Runs ranked" if job_numbers is None else "Jobs"
+    kinds = memory_kinds(runs)
+    table = Table(title=f"{order}; best = best {monitor} (epoch)", title_justify="left",
+                  caption=memory_footnote(kinds) or None, caption_justify="left")
+    for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best", "train acc",
+                "gap", "epochs", "time s", "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
+        table.add_column(col, no_wrap=col not in ("overrides", "status"))
+    for i, r in enumerate(runs):
+        row = r.row
+        best = f"{row['best']:.3f} ({row['best_epoch']})" if isinstance(row["best"], float) else "-"
+        status = row["status"] + (f": {row['error']}" if row["error"] else "")
+        peak = _num(row["peak_memory_mb"], 0)
+        table.add_row(
+            str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
+            row["overrides"] or "-", status, best, _num(row["final_train_acc"], 3),
+            _num(row["train_val_gap"], 3, signed=True), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
+            _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0), _trainable(row),
+            peak + (memory_mark(r, kinds) if peak != "-" else ""), _num(row["grad_optimizer_mb"], 1),
+        )
+    return table
