@@ -54,7 +54,7 @@ def tool_rate(name: str, batch: tuple, steps: int, device: torch.device, compile
     from finetune_cli.models import WeightsChoice, create_model
     from finetune_cli.train.optim import build_optimizer, param_groups
     from finetune_cli.runtime import pick_precision, speed_switches
-    from finetune_cli.train.strategies import apply_freezing
+    from finetune_cli.train.freezing import apply_freezing
 
     built = create_model(name, WeightsChoice("none"), 1000, image_size=batch[0].size(-1))
     channels_last = speed_switches(device, False, "auto")

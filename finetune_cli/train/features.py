@@ -100,7 +100,7 @@ def decide(setting: Optional[bool], *, frozen_below_head: bool, tail_ok: bool, b
         why.append("layers below the head train at some point of this run")
     if not tail_ok:
         why.append("this model's output is not a function of its head's input alone")
-    if bn_updating:
+    if bn_updating and frozen_below_head:  # otherwise the groups that train explain it
         cause = "strategy.bn=train" if bn_mode == BNMode.train else "they belong to no layer group, so no freezing reaches them"
         why.append(f"{', '.join(bn_updating[:3])} update their BatchNorm statistics ({cause})")
     val = not why
