@@ -30,6 +30,7 @@ from finetune_cli.train.callbacks import MetricTracker
 from finetune_cli.train.checkpoint import TrainState
 from finetune_cli.train.engine import Precision
 from finetune_cli.train.features import CacheDecision, decide, parse_switch, train_blockers, updating_batchnorms
+from finetune_cli.train.memory import reset_peak_memory
 from finetune_cli.train.mixing import BatchMixer, make_mixer
 from finetune_cli.train.optim import Schedule, build_optimizer, layerwise_lrs, param_groups
 from finetune_cli.train.recipe import Recipe, resolve
@@ -99,6 +100,7 @@ class Parts:
 
 def environment(cfg: Config) -> Env:
     device = pick_device(cfg.trainer.device)
+    reset_peak_memory(device)  # this run's peak, not the process's (a sweep runs jobs in one process)
     return Env(
         device=device,
         precision=pick_precision(cfg.trainer.amp, device),

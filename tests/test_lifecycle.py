@@ -164,3 +164,23 @@ def test_interrupted_in_the_first_resumed_epoch_names_the_saved_epochs(tmp_path,
     assert exit_.code == 143
     assert "Epochs 1-3 are saved in" in caplog.text and f"trainer.resume={source}" in caplog.text
     assert "1-0" not in caplog.text
+
+
+def test_peak_memory_is_the_runs_own_in_a_process_that_ran_more(finetune):
+    """Jobs of a sweep share a process: an earlier job's peak must not count as this one's."""
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+
+    def rss_mb():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    big = torch.ones(1536 * 2**20 // 4)  # an earlier job's 1.5 GB, touched
+    with_big = rss_mb()
+    del big
+    summary, _ = finetune(*TINY)
+    assert summary["peak_memory_kind"] == "peak RSS since the run started"
+    assert summary["peak_memory_mb"] < with_big - 500, (summary["peak_memory_mb"], with_big)
