@@ -146,3 +146,25 @@ def test_frozen_groups_run_without_dropout_or_stochastic_depth_until_unfrozen():
     apply_freezing(built.groups, [True] * len(names), BNMode.frozen_eval)
     built.model.train()
     assert all(m.training for m in random_in_groups)  # unfrozen: regularized as usual
+
+
+def test_freeze_all_keeps_the_pretrained_batchnorm_fixed_but_trains_the_new_heads():
+    """bn=freeze_all concerns the pretrained layers: the new MLP head's BatchNorm1d has no
+    statistics worth keeping and must learn them."""
+    from finetune_cli.config import HeadType
+    from finetune_cli.models import HeadSpec
+
+    torch.manual_seed(0)
+    built = create_model("resnet18", WeightsChoice("none"), num_classes=3, image_size=32,
+                         head=HeadSpec(HeadType.mlp, hidden=16))
+    apply_freezing(built.groups, [True] * len(built.groups), BNMode.freeze_all)
+    head_bn = [m for m in built.groups[-1].modules[0].modules() if isinstance(m, _BatchNorm)]
+    backbone_before = _bn_stats(m for g in built.groups[:-1] for m in g.modules)
+    head_before = _bn_stats(built.groups[-1].modules)
+    optimizer = torch.optim.SGD(built.model.parameters(), lr=0.01)
+    _step(built, optimizer)
+    assert head_bn and all(m.training for m in head_bn)
+    assert not torch.equal(_bn_stats(built.groups[-1].modules)[0][0], head_before[0][0])  # the head learns
+    for (mean, var, n), (mean0, var0, n0) in zip(_bn_stats(m for g in built.groups[:-1] for m in g.modules),
+                                                 backbone_before):
+        assert torch.equal(mean, mean0) and torch.equal(var, var0) and torch.equal(n, n0)

@@ -184,3 +184,25 @@ def test_peak_memory_is_the_runs_own_in_a_process_that_ran_more(finetune):
     summary, _ = finetune(*TINY)
     assert summary["peak_memory_kind"] == "peak RSS since the run started"
     assert summary["peak_memory_mb"] < with_big - 500, (summary["peak_memory_mb"], with_big)
+
+
+def test_ewc_runs_its_fisher_through_the_classifier_the_weights_came_with(finetune, tmp_path, caplog, monkeypatch):
+    import torchvision
+
+    from finetune_cli import build as build_module
+
+    torch.manual_seed(0)
+    path = tmp_path / "source.pt"
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), path)  # a 7-way source task
+    seen = {}
+    real = build_module.fisher_with_source_head
+
+    def spy(model, family, source_head, *args, **kw):
+        seen["head"] = source_head
+        seen["outputs"] = model.fc.out_features
+        return real(model, family, source_head, *args, **kw)
+
+    monkeypatch.setattr(build_module, "fisher_with_source_head", spy)
+    summary, _ = finetune(*TINY, "regularizer=ewc", f"model.weights={path}", "regularizer.fisher_samples=8")
+    assert summary["status"] == "completed" and "through the source head" in caplog.text
+    assert seen["head"].out_features == 7 and seen["outputs"] == 10  # source head 7-way, target head 10-way
