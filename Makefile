@@ -1,11 +1,13 @@
 # Two commands set everything up on a fresh machine with Python 3.10+:
 #   make quickstart   # the offline demo run
-#   make test         # the test suite (what CI runs)
+#   make test         # ruff, then the test suite (what CI runs)
+# Also: `make smoke` (a seconds-long run: finetune-cli debug=tiny) and `make lint` (ruff alone;
+# `.venv/bin/ruff check --fix .` sorts imports and drops unused ones).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test test-all clean
+.PHONY: install quickstart smoke lint test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +20,17 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/finetune-cli experiment=quickstart
 
-test: install
+smoke: install  # seconds: the whole pipeline on a few tiny synthetic images
+	$(VENV)/bin/finetune-cli debug=tiny
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest
 
-test-all: install
+test-all: lint
 	$(PY) -m pytest -m ''
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

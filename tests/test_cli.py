@@ -1,4 +1,5 @@
-"""The real CLI in a subprocess: quickstart, sweeps, image folders, weight files, bad input."""
+"""Whole runs: in this process through the ``finetune`` fixture, and through the real CLI in a
+subprocess where its exit code, console output or Hydra folders are what is checked."""
 
 import csv
 import json
@@ -10,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, TINY, cli, make_image_folder, run_dirs
-
-SMALL_SYNTHETIC = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10"]
+from helpers import REPO, cli, make_image_folder, run_dirs
 
 
 def _summary(run_dir: Path) -> dict:
@@ -57,24 +56,34 @@ def test_quickstart_end_to_end(tmp_path):
     assert "Trainable:" in log and "epoch   6/6" in log
 
 
-def test_linear_probe_transfers_from_synthetic_weights(tmp_path):
+def test_debug_tiny_shrinks_the_chosen_experiment(finetune):
+    """`debug=tiny` comes after the experiment: the experiment's choices stay, its size shrinks."""
+    summary, run = finetune("experiment=quickstart", "debug=tiny")
+    assert summary["status"] == "completed" and summary["strategy"] == "freeze_early"
+    assert summary["epochs_run"] == 1 and summary["weights"] == "random init"
+    assert summary["dataset"]["classes"] == 10
+    assert (summary["dataset"]["train_images"], summary["dataset"]["val_images"]) == (80, 40)
+    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 1
+    config = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert config["strategy"]["freeze_groups"] == 2  # from the experiment
+    assert (config["data"]["image_size"], config["data"]["batch_size"], config["data"]["num_workers"]) == (32, 16, "0")
+
+
+def test_linear_probe_transfers_from_synthetic_weights(finetune):
     """Synthetic pretraining must beat random weights clearly on the disjoint target classes."""
     accs = {}
     for weights in ("synthetic", "null"):
-        proc = cli(
-            ["data=synthetic", "strategy=linear_probe", f"model.weights={weights}", "trainer.epochs=8",
-             "optimizer.lr=0.01", "data.num_workers=0", f"hydra.run.dir=outputs/{weights}"],
-            tmp_path,
-        )
-        _ok(proc)
-        accs[weights] = _summary(tmp_path / "outputs" / weights)["best"]["value"]
+        summary, run = finetune("data=synthetic", "strategy=linear_probe", f"model.weights={weights}",
+                                "trainer.epochs=8", "optimizer.lr=0.01", "data.num_workers=0", name=weights)
+        accs[weights] = _summary(run)["best"]["value"]
+        assert summary["best"]["value"] == accs[weights]
     print(f"linear probe val acc: synthetic weights {accs['synthetic']:.3f}, random weights {accs['null']:.3f}")
     assert accs["synthetic"] - accs["null"] >= 0.3, accs
 
 
 def test_strategy_sweep_lands_in_multirun_folders(tmp_path):
     proc = cli(
-        ["-m", "strategy=linear_probe,freeze_early,full", "model.weights=synthetic", *SMALL_SYNTHETIC, *TINY],
+        ["-m", "strategy=linear_probe,freeze_early,full", "debug=tiny", "model.weights=synthetic"],
         tmp_path,
     )
     _ok(proc)
@@ -108,21 +117,19 @@ def test_bad_input_exits_before_any_folder(tmp_path, override, needle):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_image_folder_with_gif_and_grayscale(tmp_path):
+def test_image_folder_with_gif_and_grayscale(tmp_path, finetune):
     root = make_image_folder(tmp_path / "images", classes=("ants", "bees", "wasps"), per_class=4)
     Image.new("L", (50, 35), 90).save(root / "train" / "ants" / "gray.png")
     Image.new("P", (45, 45), 3).save(root / "train" / "bees" / "anim.gif")
     Image.new("RGBA", (45, 45), (9, 9, 9, 0)).save(root / "val" / "wasps" / "clear.png")
-    proc = cli([f"data.root={root}", "model.weights=null", "data.image_size=32", *TINY], tmp_path)
-    _ok(proc)
-    (run,) = run_dirs(tmp_path / "outputs")
+    summary, run = finetune("debug=tiny", "data=imagefolder", f"data.root={root}")
     assert json.loads((run / "classes.json").read_text()) == ["ants", "bees", "wasps"]
-    summary = _summary(run)
+    assert summary["status"] == "completed" and _summary(run)["status"] == "completed"
     assert summary["dataset"]["train_images"] == 14 and summary["dataset"]["val_images"] == 13
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_local_weights_file_with_a_different_head(tmp_path, fmt):
+def test_local_weights_file_with_a_different_head(tmp_path, finetune, caplog, fmt):
     import torchvision
     from safetensors.torch import save_file
 
@@ -134,11 +141,9 @@ def test_local_weights_file_with_a_different_head(tmp_path, fmt):
     else:
         save_file(source.state_dict(), str(path))
     root = make_image_folder(tmp_path / "images")
-    proc = cli([f"data.root={root}", f"model.weights={path}", "data.image_size=32", "strategy=linear_probe", *TINY],
-               tmp_path)
-    _ok(proc)
-    assert "head initialised fresh" in proc.stdout
-    (run,) = run_dirs(tmp_path / "outputs")
+    _, run = finetune("debug=tiny", "data=imagefolder", f"data.root={root}", f"model.weights={path}",
+                      "strategy=linear_probe")
+    assert "head initialised fresh" in caplog.text
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert torch.equal(state["conv1.weight"], source.conv1.weight)  # backbone came from the file
     assert state["fc.weight"].shape == (2, 512)  # head sized for the two classes
@@ -150,7 +155,8 @@ def test_weights_file_of_another_architecture_names_the_keys(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     root = make_image_folder(tmp_path / "images")
-    proc = cli([f"data.root={root}", "model=resnet50", f"model.weights={path}", "data.image_size=32", *TINY], tmp_path)
+    proc = cli(["debug=tiny", "data=imagefolder", f"data.root={root}", "model=resnet50", f"model.weights={path}"],
+               tmp_path)
     assert proc.returncode == 1
     assert "does not fit" in proc.stdout and "shape mismatch: conv1.weight" not in proc.stdout
     assert "layer1.0.conv3.weight" in proc.stdout  # a resnet50 key the file lacks
@@ -167,7 +173,7 @@ def test_failed_download_names_the_remedies(tmp_path):
         "no_proxy": "",
         "NO_PROXY": "",
     }
-    proc = cli(["model.weights=DEFAULT", *SMALL_SYNTHETIC, *TINY], tmp_path, env=env)
+    proc = cli(["debug=tiny", "model.weights=DEFAULT"], tmp_path, env=env)
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "Could not download pretrained weights ResNet18_Weights" in out
@@ -179,7 +185,7 @@ def test_failed_download_names_the_remedies(tmp_path):
 
 
 def test_plan_mode_and_unique_folders(tmp_path):
-    args = ["plan=true", "model.weights=null", *SMALL_SYNTHETIC, "strategy=freeze_early", "strategy.freeze_groups=2",
+    args = ["plan=true", "debug=tiny", "strategy=freeze_early", "strategy.freeze_groups=2",
             "hydra.run.dir=${unique_dir:outputs/same}"]
     first, second = cli(args, tmp_path), cli(args, tmp_path)
     _ok(first)
@@ -210,6 +216,7 @@ def test_installed_wheel_ships_its_config(tmp_path):
                    "finetune-cli-export = finetune_cli.tools.export:main"):
         assert script in entry_points.read_text()
     assert (target / "finetune_cli" / "conf" / "strategy" / "linear_probe.yaml").is_file()
+    assert (target / "finetune_cli" / "conf" / "debug" / "tiny.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
@@ -222,19 +229,14 @@ def test_installed_wheel_ships_its_config(tmp_path):
     assert "strategy: auto, discriminative, freeze_early, full, linear_probe, partial, progressive, staged, two_phase, ulmfit" in proc.stdout
 
 
-def test_early_stopping_with_label_smoothing_and_clipping(tmp_path):
-    proc = cli(
-        ["model.weights=null", *SMALL_SYNTHETIC, "data.num_workers=0", "trainer.epochs=6", "optimizer.lr=1e-12",
-         "trainer.patience=1", "trainer.monitor=val_loss", "trainer.label_smoothing=0.1", "trainer.grad_clip=1.0",
-         "schedule=constant"],
-        tmp_path,
-    )
-    _ok(proc)
-    (run,) = run_dirs(tmp_path / "outputs")
-    summary = _summary(run)
+def test_early_stopping_with_label_smoothing_and_clipping(finetune, caplog):
+    summary, run = finetune("debug=tiny", "trainer.epochs=6", "optimizer.lr=1e-12", "trainer.patience=1",
+                            "trainer.monitor=val_loss", "trainer.label_smoothing=0.1", "trainer.grad_clip=1.0",
+                            "schedule=constant")
     # with a vanishing LR the validation loss cannot improve by more than rounding: stop after epoch 2
     assert summary["stopped_early"] is True and summary["epochs_run"] == 2
-    assert "Early stopping" in proc.stdout
+    assert _summary(run)["stopped_early"] is True and _summary(run)["status"] == "completed"
+    assert "Early stopping" in caplog.text
     assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
 
 
@@ -246,17 +248,16 @@ def test_early_stopping_with_label_smoothing_and_clipping(tmp_path):
     ],
     ids=["progressive", "staged"],
 )
-def test_checkpoint_from_a_middle_phase_continues_that_phase_exactly(tmp_path, strategy):
+def test_checkpoint_from_a_middle_phase_continues_that_phase_exactly(finetune, caplog, strategy):
     """All optimizer groups exist from the start, so a checkpoint taken in phase 2 loads into a
     fresh run, which continues phase 2 and ends bit-identical to the uninterrupted run."""
-    common = ["model.weights=synthetic", *SMALL_SYNTHETIC, "data.num_workers=0", "trainer.epochs=4", *strategy]
-    _ok(cli([*common, "trainer.save_every=1", "hydra.run.dir=outputs/straight"], tmp_path))
-    straight = tmp_path / "outputs" / "straight"
+    common = ["debug=tiny", "model.weights=synthetic", "trainer.epochs=4", *strategy]
+    _, straight = finetune(*common, "trainer.save_every=1", name="straight")
     middle = straight / "checkpoints" / "epoch_002.pt"
-    proc = cli([*common, f"trainer.resume={middle}", "hydra.run.dir=outputs/resumed"], tmp_path)
-    _ok(proc)
-    assert "Resumed from" in proc.stdout
-    resumed = tmp_path / "outputs" / "resumed"
+    caplog.clear()
+    summary, resumed = finetune(*common, f"trainer.resume={middle}", name="resumed")
+    assert f"Resumed from {middle} after epoch 2" in caplog.text
+    assert summary["resumed_from"] == str(middle)
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 4
@@ -279,75 +280,74 @@ def test_checkpoint_from_a_middle_phase_continues_that_phase_exactly(tmp_path, s
         ("efficientnet_b0", 32, "discriminative"),
     ],
 )
-def test_plan_for_any_model_and_strategy(tmp_path, model, size, strategy):
-    proc = cli([f"model={model}", "model.weights=null", f"strategy={strategy}", f"data.image_size={size}", "plan=true",
-                *SMALL_SYNTHETIC, "hydra.run.dir=outputs/plan"], tmp_path)
-    _ok(proc)
-    summary = _summary(tmp_path / "outputs" / "plan")
+def test_plan_for_any_model_and_strategy(finetune, caplog, model, size, strategy):
+    summary, run = finetune("debug=tiny", f"model={model}", f"strategy={strategy}", f"data.image_size={size}",
+                            "trainer.epochs=10", "plan=true")
     assert summary["status"] == "planned" and summary["strategy"] == strategy
+    assert _summary(run)["status"] == "planned" and _summary(run)["groups"] == summary["groups"]
     rows = summary["groups"]
     assert rows[-1]["group"] == "head" and rows[-1]["status"] == "train"
     for row in rows:
-        assert row["group"] in proc.stdout
+        assert row["group"] in caplog.text
     assert sum(r["params"] for r in rows) == summary["total_params"]
     if strategy in ("progressive", "ulmfit"):
         assert any(r["status"].startswith("from epoch") for r in rows)
-        assert "Timeline: epoch 2: +" in proc.stdout
+        assert "Timeline: epoch 2: +" in caplog.text
     if strategy in ("ulmfit", "discriminative"):
         lrs = [float(r["lr"]) for r in rows]
         assert lrs == sorted(lrs) and lrs[-2] == pytest.approx(lrs[-1] / 2.6, rel=0.01)
     if strategy == "two_phase":
-        assert "Timeline: stage 2 (epochs 4-10): all groups, lr x0.1" in proc.stdout
-    assert not (tmp_path / "outputs" / "plan" / "checkpoints").exists()
+        assert "Timeline: stage 2 (epochs 4-10): all groups, lr x0.1" in caplog.text
+    assert not (run / "checkpoints").exists()
 
 
-def test_auto_strategy_reports_its_decision(tmp_path):
-    proc = cli(["strategy=auto", "model.weights=null", *SMALL_SYNTHETIC, "strategy.auto_small=10",
-                "strategy.auto_large=15", "plan=true", "hydra.run.dir=outputs/auto"], tmp_path)
-    _ok(proc)
-    auto = _summary(tmp_path / "outputs" / "auto")["auto"]
+def test_auto_strategy_reports_its_decision(finetune, caplog):
+    summary, run = finetune("debug=tiny", "strategy=auto", "data.synthetic.train_per_class=20",
+                            "strategy.auto_small=10", "strategy.auto_large=15", "plan=true")
+    auto = _summary(run)["auto"]
+    assert summary["auto"] == auto
     # the synthetic data has a val/ folder, so all 20 images per class are training images
     assert auto["images_per_class"] == 20.0 and auto["chose"] == "full"
-    assert "auto strategy: 20.0 training images per class >= auto_large=15" in proc.stdout
+    assert "auto strategy: 20.0 training images per class >= auto_large=15" in caplog.text
 
 
 @pytest.mark.parametrize("reg", ["l2sp", "ewc"])
-def test_regularizers_run_end_to_end(tmp_path, reg):
+def test_regularizers_run_end_to_end(tmp_path, finetune, caplog, reg):
     source = make_image_folder(tmp_path / "source", classes=("x", "y", "z"), per_class=3, val=False) / "train"
     extra = [f"regularizer.fisher_root={source}", "regularizer.fisher_samples=6"] if reg == "ewc" else []
-    proc = cli([f"regularizer={reg}", "strategy=full", "model.weights=null", *SMALL_SYNTHETIC, *TINY, *extra], tmp_path)
-    _ok(proc)
-    assert f"Regularizer: {reg}" in proc.stdout
+    summary, run = finetune("debug=tiny", f"regularizer={reg}", "strategy=full", *extra)
+    assert f"Regularizer: {reg}" in caplog.text
     if reg == "ewc":
-        assert f"EWC: diagonal Fisher from 6 of source images in {source}" in proc.stdout
-    (run,) = run_dirs(tmp_path / "outputs")
+        assert f"EWC: diagonal Fisher from 6 of source images in {source}" in caplog.text
+    assert summary["regularizer"] == reg and summary["status"] == "completed"
     assert _summary(run)["regularizer"] == reg and _summary(run)["status"] == "completed"
 
 
-def test_augment_preview_writes_a_labelled_grid_without_training(tmp_path):
+def test_augment_preview_writes_a_labelled_grid_without_training(tmp_path, finetune, caplog, monkeypatch):
     from finetune_cli.data.preview import LABEL_HEIGHT, grid_size
 
-    proc = cli(["preview=augment", "preview_images=10", "augment=strong", "augment.mixup_alpha=0.2",
-                "model.weights=synthetic", *SMALL_SYNTHETIC, "hydra.run.dir=outputs/pv"], tmp_path)
-    _ok(proc)
-    path = tmp_path / "outputs" / "pv" / "augment_preview.png"
-    assert str(path) in proc.stdout
-    assert "Pretraining" not in proc.stdout  # a preview builds no model
+    empty_cache = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CLI_CACHE", str(empty_cache))  # no synthetic weights to find there
+    summary, run = finetune("debug=tiny", "preview=augment", "preview_images=10", "augment=strong",
+                            "augment.mixup_alpha=0.2", "model.weights=synthetic")
+    path = run / "augment_preview.png"
+    assert summary["preview"] == str(path)
+    assert str(path) in caplog.text
+    assert "Pretraining" not in caplog.text  # a preview builds no model
+    assert not (empty_cache / "weights").exists()
     cols, rows, tile = grid_size(10, 32)
     with Image.open(path) as img:
         img.verify()
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (cols * tile, rows * (tile + LABEL_HEIGHT)) == (512, 462)
-    assert not (tmp_path / "outputs" / "pv" / "checkpoints").exists()
-    assert _summary(tmp_path / "outputs" / "pv")["status"] == "previewed"
+    assert not (run / "checkpoints").exists()
+    assert _summary(run)["status"] == "previewed"
 
 
-def test_strong_augmentation_with_mixup_and_cutmix_trains(tmp_path):
-    proc = cli(["augment=strong", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "trainer.label_smoothing=0.1",
-                "model.head_dropout=0.2", "model.weights=synthetic", "strategy=linear_probe", *SMALL_SYNTHETIC,
-                "data.num_workers=0", "trainer.epochs=2"], tmp_path)
-    _ok(proc)
-    (run,) = run_dirs(tmp_path / "outputs")
+def test_strong_augmentation_with_mixup_and_cutmix_trains(finetune):
+    _, run = finetune("debug=tiny", "augment=strong", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0",
+                      "trainer.label_smoothing=0.1", "model.head_dropout=0.2", "model.weights=synthetic",
+                      "strategy=linear_probe", "trainer.epochs=2")
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 2 and all(0 <= float(r["train_acc"]) <= 1 for r in rows)
     assert _summary(run)["status"] == "completed"

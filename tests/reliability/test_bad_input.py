@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import cli, make_image_folder, run_dirs
 
-RUN = ["model.weights=null", "data.image_size=32", "data.num_workers=0", "trainer.epochs=1"]
+RUN = ["debug=tiny", "data=imagefolder"]
 
 
 def _jpeg_bytes(size=(40, 40)):
@@ -30,7 +30,7 @@ def _dirty_folder(root):
 
 def test_bad_images_are_listed_by_path_before_training(tmp_path):
     root = _dirty_folder(tmp_path / "data")
-    proc = cli([f"data.root={root}", "data.max_image_pixels=50000", *RUN], tmp_path)
+    proc = cli([*RUN, f"data.root={root}", "data.max_image_pixels=50000"], tmp_path)
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "4 of 20 images" in out and "data.on_bad_image=skip" in out
@@ -43,12 +43,10 @@ def test_bad_images_are_listed_by_path_before_training(tmp_path):
     assert not (run / "checkpoints").exists() and json.loads((run / "summary.json").read_text())["status"] == "failed"
 
 
-def test_skip_leaves_bad_images_out_and_lists_them(tmp_path):
+def test_skip_leaves_bad_images_out_and_lists_them(tmp_path, finetune, caplog):
     root = _dirty_folder(tmp_path / "data")
-    proc = cli([f"data.root={root}", "data.max_image_pixels=50000", "data.on_bad_image=skip", *RUN], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:]
-    assert "Skipping 4 of 20 images" in proc.stdout
-    (run,) = run_dirs(tmp_path / "outputs")
+    _, run = finetune(*RUN, f"data.root={root}", "data.max_image_pixels=50000", "data.on_bad_image=skip")
+    assert "Skipping 4 of 20 images" in caplog.text
     skipped = (run / "skipped_images.txt").read_text().splitlines()
     assert len(skipped) == 4 and all(line.startswith(str(root)) for line in skipped)
     summary = json.loads((run / "summary.json").read_text())
@@ -78,7 +76,7 @@ def test_folder_layout_errors(tmp_path, layout, needle):
         (root / "val" / "bees").rename(root / "val" / "wasps")
     else:
         (root / "images").mkdir(parents=True)
-    proc = cli([f"data.root={root}", *RUN], tmp_path)
+    proc = cli([*RUN, f"data.root={root}"], tmp_path)
     assert proc.returncode == 1
     assert needle in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -122,8 +120,7 @@ def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path
     import subprocess
     import sys
 
-    proc = cli(["-m", "optimizer.lr=0.01,-1,0.001", *RUN, "data=synthetic", "data.synthetic.train_per_class=10",
-                "data.synthetic.val_per_class=4"], tmp_path)
+    proc = cli(["-m", "optimizer.lr=0.01,-1,0.001", "debug=tiny"], tmp_path)
     assert proc.returncode != 0
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     statuses = sorted(json.loads((r / "summary.json").read_text())["status"] for r in run_dirs(sweep))

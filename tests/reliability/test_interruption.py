@@ -11,8 +11,9 @@ import torch
 
 from helpers import cli
 
-COMMON = ["model.weights=synthetic", "data=synthetic", "data.synthetic.train_per_class=20",
-          "data.synthetic.val_per_class=10", "data.num_workers=0", "trainer.epochs=4", "strategy=full"]
+# epochs long enough (200 images in batches of 32) that a signal sent after one epoch's line lands in the next
+COMMON = ["debug=tiny", "model.weights=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10",
+          "data.batch_size=32", "trainer.epochs=4", "strategy=full"]
 
 
 def _start(args, cwd):
