@@ -16,10 +16,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
-
 from common import machine, parser, photo_folder, table, tool_run, workdir
 from plain_loop import plain_train
+from torch import nn
 
 NVIDIA_A100_RESNET50_AMP = 2470.0  # img/s, NVIDIA DeepLearningExamples, ResNet-50 v1.5 AMP, 1x A100 80GB
 
@@ -50,11 +49,11 @@ def plain_rate(name: str, batch: tuple, steps: int, device: torch.device) -> flo
 def tool_rate(name: str, batch: tuple, steps: int, device: torch.device, compile_model: bool) -> float:
     """The tool's model, switches, optimizer and ``train_one_epoch`` over an in-memory batch."""
     from finetune_cli.config import Amp, BNMode, OptimizerConfig
-    from finetune_cli.train.engine import train_one_epoch
     from finetune_cli.models import WeightsChoice, create_model
-    from finetune_cli.train.optim import build_optimizer, param_groups
     from finetune_cli.runtime import pick_precision, speed_switches
+    from finetune_cli.train.engine import train_one_epoch
     from finetune_cli.train.freezing import apply_freezing
+    from finetune_cli.train.optim import build_optimizer, param_groups
 
     built = create_model(name, WeightsChoice("none"), 1000, image_size=batch[0].size(-1))
     channels_last = speed_switches(device, False, "auto")

@@ -13,17 +13,17 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
-
 from common import machine, median_after_first, parser, synthetic_folder, table, tool_run, workdir
 from plain_loop import plain_train
+from torch import nn
 
 
 def loader_only(root, size: int, batch: int, workers: int) -> float:
     """Images/s of the tool's training loader alone (decode + transforms + collate)."""
     from finetune_cli.config import AugmentConfig
     from finetune_cli.data.folders import image_folder, make_loader
-    from finetune_cli.data.transforms import Preprocess, train_transform as tool_transform
+    from finetune_cli.data.transforms import Preprocess
+    from finetune_cli.data.transforms import train_transform as tool_transform
 
     data = image_folder(root / "train", tool_transform(Preprocess(size, int(size * 1.14)), AugmentConfig()))
     loader = make_loader(data, batch_size=batch, num_workers=workers, train=True, seed=0)

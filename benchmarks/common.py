@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import finetune_cli.cli  # noqa: F401  (registers the config schema and resolvers)
-from finetune_cli.paths import cache_dir, conf_dir
 from finetune_cli.data.synthetic import SyntheticSpec, generate
+from finetune_cli.paths import cache_dir, conf_dir
 
 HERE = Path(__file__).resolve().parent
 

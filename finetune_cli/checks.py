@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_cli.config import Config, DataSource, Device, RegularizerName
 from finetune_cli.data.folders import resolve_workers
+from finetune_cli.data.synthetic import class_pool
 from finetune_cli.errors import FinetuneError
-from finetune_cli.train.features import parse_switch
 from finetune_cli.models.factory import check_model_name
 from finetune_cli.models.weights import RANDOM_NAMES, resolve_weights
-from finetune_cli.data.synthetic import class_pool
+from finetune_cli.train.features import parse_switch
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[str]:

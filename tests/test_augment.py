@@ -11,9 +11,9 @@ from torchvision.transforms import v2 as T
 
 from finetune_cli.cli import unique_dir  # noqa: F401  (registers the schema)
 from finetune_cli.config import AugmentConfig, AugmentName
-from finetune_cli.train.mixing import BatchMixer, hard_labels, make_mixer
-from finetune_cli.paths import conf_dir
 from finetune_cli.data.transforms import Preprocess, train_transform
+from finetune_cli.paths import conf_dir
+from finetune_cli.train.mixing import BatchMixer, hard_labels, make_mixer
 
 PRE = Preprocess(crop_size=40, resize_size=46)
 PRESETS = sorted(p.stem for p in (conf_dir() / "augment").glob("*.yaml"))

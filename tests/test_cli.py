@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from helpers import REPO, cli, make_image_folder, run_dirs
@@ -315,10 +316,12 @@ def test_auto_strategy_reports_its_decision(finetune, caplog):
 def test_regularizers_run_end_to_end(tmp_path, finetune, caplog, reg):
     source = make_image_folder(tmp_path / "source", classes=("x", "y", "z"), per_class=3, val=False) / "train"
     extra = [f"regularizer.fisher_root={source}", "regularizer.fisher_samples=6"] if reg == "ewc" else []
-    summary, run = finetune("debug=tiny", f"regularizer={reg}", "strategy=full", *extra)
+    weights = tmp_path / "source.pt"  # EWC needs pretrained weights with their classifier
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    summary, run = finetune("debug=tiny", f"regularizer={reg}", "strategy=full", f"model.weights={weights}", *extra)
     assert f"Regularizer: {reg}" in caplog.text
     if reg == "ewc":
-        assert f"EWC: diagonal Fisher from 6 of source images in {source}" in caplog.text
+        assert f"EWC: diagonal Fisher through the source head from 6 of source images in {source}" in caplog.text
     assert summary["regularizer"] == reg and summary["status"] == "completed"
     assert _summary(run)["regularizer"] == reg and _summary(run)["status"] == "completed"
 

@@ -7,9 +7,9 @@ from PIL import Image
 
 from finetune_cli.config import AugmentConfig, AugmentName
 from finetune_cli.data.folders import image_folder_splits, load_rgb, resolve_workers, stratified_split
-from finetune_cli.errors import FinetuneError
 from finetune_cli.data.synthetic import SyntheticSpec, class_pool, generate
 from finetune_cli.data.transforms import Preprocess, eval_transform, train_transform
+from finetune_cli.errors import FinetuneError
 
 from helpers import make_image_folder
 

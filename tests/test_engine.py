@@ -5,11 +5,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune_cli.train.callbacks import MetricTracker
 from finetune_cli.config import Monitor
-from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import WeightsChoice, create_model
+from finetune_cli.train.callbacks import MetricTracker
+from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
 
 
 def _loader(n=8, size=32, classes=3):

@@ -118,8 +118,9 @@ def test_too_small_input_is_a_clear_error():
 
 
 def test_vit_pretrained_at_one_size_is_resized_for_another():
-    from finetune_cli.models.factory import _resize_vit
     from torchvision.models import get_model
+
+    from finetune_cli.models.factory import _resize_vit
 
     torch.manual_seed(0)
     model = get_model("vit_b_16", weights=None, image_size=64, num_classes=4)

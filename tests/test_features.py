@@ -4,23 +4,30 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune_cli.config import BNMode, StrategyName
-from finetune_cli.train.engine import Precision
-from finetune_cli.errors import FinetuneError
-from finetune_cli.train.features import (
-    FeatureLoader, FeatureStore, Features, cache_key, decide, extract, parse_switch, train_blockers,
-    updating_batchnorms,
-)
 from finetune_cli.data.folders import image_folder
+from finetune_cli.data.transforms import Preprocess, eval_transform
+from finetune_cli.errors import FinetuneError
 from finetune_cli.models import WeightsChoice, create_model
 from finetune_cli.models.tail import find_tail
+from finetune_cli.train.engine import Precision
+from finetune_cli.train.features import (
+    FeatureLoader,
+    Features,
+    FeatureStore,
+    cache_key,
+    decide,
+    extract,
+    parse_switch,
+    train_blockers,
+    updating_batchnorms,
+)
 from finetune_cli.train.freezing import apply_freezing
 from finetune_cli.train.strategies import trainable_mask
-from finetune_cli.data.transforms import Preprocess, eval_transform
-from helpers import cli, make_image_folder, run_dirs
+
+from helpers import cli, make_image_folder
 
 CPU = torch.device("cpu")
 

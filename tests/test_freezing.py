@@ -8,8 +8,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from finetune_cli.config import BNMode, OptimizerConfig, OptimizerName, StrategyName
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import WeightsChoice, create_model
-from finetune_cli.train.optim import build_optimizer, param_groups
 from finetune_cli.train.freezing import apply_freezing
+from finetune_cli.train.optim import build_optimizer, param_groups
 from finetune_cli.train.strategies import trainable_mask
 
 

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from finetune_cli.config import (
-    BNMode, Monitor, ScheduleConfig, ScheduleName, StageConfig, StrategyConfig, StrategyName, Trigger,
+    BNMode,
+    Monitor,
+    ScheduleConfig,
+    ScheduleName,
+    StageConfig,
+    StrategyConfig,
+    StrategyName,
+    Trigger,
 )
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models.groups import LayerGroup
@@ -14,7 +21,14 @@ from finetune_cli.plan import timeline, unfreeze_epoch
 from finetune_cli.train.optim import Schedule, layerwise_lrs
 from finetune_cli.train.recipe import resolve
 from finetune_cli.train.strategies import (
-    Controller, Finished, KeepStageBest, RestoreStageBest, StageStarted, StageStopped, Unfroze, words,
+    Controller,
+    Finished,
+    KeepStageBest,
+    RestoreStageBest,
+    StageStarted,
+    StageStopped,
+    Unfroze,
+    words,
 )
 
 NAMES = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]

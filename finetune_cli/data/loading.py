@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict
 
-from finetune_cli.config import BadImage, DataConfig, DataSource
+from finetune_cli.config import AugmentConfig, BadImage, DataConfig, DataSource
 from finetune_cli.data.checks import check_images, describe
 from finetune_cli.data.folders import Splits, class_files, image_folder_splits, split_dirs
 from finetune_cli.data.synthetic import SyntheticSpec, generate
 from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform, train_transform
-from finetune_cli.config import AugmentConfig
 from finetune_cli.errors import FinetuneError
 
 log = logging.getLogger("finetune_cli")

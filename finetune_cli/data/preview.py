@@ -14,13 +14,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
+from finetune_cli.data.transforms import Preprocess
 from finetune_cli.io_utils import atomic_write_bytes
 from finetune_cli.train.mixing import BatchMixer
-from finetune_cli.data.transforms import Preprocess
 
 MIN_TILE = 128
 LABEL_HEIGHT = 26  # two lines: a mixed image shows its two largest class shares

@@ -14,11 +14,11 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from finetune_cli.config import HeadType
+from finetune_cli.data.transforms import Preprocess
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models.families import Family, family_of
 from finetune_cli.models.groups import LayerGroup, layer_groups
 from finetune_cli.models.weights import WeightsChoice, ensure_downloaded, read_weights
-from finetune_cli.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 

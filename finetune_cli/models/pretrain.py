@@ -19,13 +19,13 @@ from torch import nn
 
 from finetune_cli.config import AugmentConfig, AugmentName, Monitor, ScheduleConfig, ScheduleName
 from finetune_cli.data.folders import image_folder_splits, make_loader
-from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
+from finetune_cli.data.synthetic import SyntheticSpec, generate
+from finetune_cli.data.transforms import eval_transform, train_transform
 from finetune_cli.io_utils import atomic_torch_save
 from finetune_cli.models.factory import create_model, head_prefixes, preprocess_for
 from finetune_cli.models.weights import WeightsChoice
+from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.train.optim import Schedule, param_groups
-from finetune_cli.data.synthetic import SyntheticSpec, generate
-from finetune_cli.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ function, so its output — the tail's input — can be computed once and reused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 from torch import nn
 

@@ -17,14 +17,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finetune_cli.data.folders import image_folder, make_loader
+from finetune_cli.data.transforms import decode_side, eval_transform
+from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
-from finetune_cli.data.folders import image_folder, make_loader
 from finetune_cli.train.engine import split_outputs
-from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.data.transforms import decode_side, eval_transform
 
 
 def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:

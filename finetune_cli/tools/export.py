@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from finetune_cli.tools.loading import Loaded, load_for_inference, run_dir_of, tool_main, tool_parser
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json
+from finetune_cli.tools.loading import Loaded, load_for_inference, run_dir_of, tool_main, tool_parser
 
 DEFAULT_OPSET = 18
 EXTRA_HINT = "pip install 'finetune-cli[export]' (onnx, onnxscript, onnxruntime)"

@@ -17,14 +17,14 @@ import torch
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
+from finetune_cli.data.folders import is_image, load_rgb
+from finetune_cli.data.transforms import decode_side, eval_transform
+from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import load_for_inference, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
-from finetune_cli.data.folders import is_image, load_rgb
 from finetune_cli.train.engine import split_outputs
-from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_json, atomic_write_bytes
-from finetune_cli.data.transforms import decode_side, eval_transform
 
 
 def collect(paths: List[Path]) -> List[Path]:

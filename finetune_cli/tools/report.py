@@ -16,10 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from finetune_cli.tools.loading import tool_main
-from finetune_cli.tools.table import Run, memory_footnote, memory_kinds, memory_mark, read_runs, render_table, wide_console
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes
+from finetune_cli.tools.loading import tool_main
+from finetune_cli.tools.table import (
+    Run,
+    memory_footnote,
+    memory_kinds,
+    memory_mark,
+    read_runs,
+    render_table,
+    wide_console,
+)
 
 COLUMNS = [
     "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",

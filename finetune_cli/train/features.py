@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from finetune_cli.config import BNMode
-from finetune_cli.train.engine import Precision, split_outputs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_torch_save, safe_torch_load
 from finetune_cli.models.tail import Tail
+from finetune_cli.train.engine import Precision, split_outputs
 from finetune_cli.train.freezing import is_stochastic
 
 log = logging.getLogger("finetune_cli")

@@ -17,13 +17,13 @@ from torch import nn
 
 from finetune_cli import ui
 from finetune_cli.build import Parts
+from finetune_cli.data.folders import make_loader
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import count_params
 from finetune_cli.record import Recorder
 from finetune_cli.train.checkpoint import Start, read_checkpoint
 from finetune_cli.train.engine import EpochResult, evaluate, train_one_epoch
 from finetune_cli.train.features import FeatureLoader, TailMismatch, cache_key, extract, summary_of
-from finetune_cli.data.folders import make_loader
 from finetune_cli.train.memory import peak_memory, state_bytes
 from finetune_cli.train.optim import group_lrs
 from finetune_cli.train.shutdown import GracefulStop, Interrupted
@@ -62,8 +62,9 @@ def cached_features(parts: Parts, recorder: Recorder) -> Dict[str, Any]:
         loader = make_loader(data, batch_size=parts.settings.batch_size, num_workers=env.workers, train=False, seed=0,
                              pin_memory=env.device.type == "cuda")
         key = cache_key(parts.model, parts.tail, data, env.precision)
-        found[name] = f = store.get(name, key, lambda: extract(parts.model, parts.tail, loader, env.device,
-                                                                env.precision, env.progress, f"features ({name})"))
+        compute = partial(extract, parts.model, parts.tail, loader, env.device, env.precision, env.progress,
+                          f"features ({name})")
+        found[name] = f = store.get(name, key, compute)
         how = "read back from" if f.seconds == 0 else f"computed in {f.seconds:.1f}s into"
         log.info(f"Feature cache: {len(f.targets)} {name} images x {tuple(f.features.shape[1:])} {how} {f.path}")
     return found

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from finetune_cli.errors import FinetuneError
-from finetune_cli.models.families import Family
 from finetune_cli.models.factory import head_prefixes, swapped_head
+from finetune_cli.models.families import Family
 from finetune_cli.models.groups import LayerGroup
 from finetune_cli.train.engine import split_outputs
 
