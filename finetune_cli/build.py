@@ -206,6 +206,7 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed, pin_memory=pin)
     schedule_cfg, schedule_note = schedule_config(cfg)
     schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
+    schedule.set_multiplier(controller.lr_mult)  # the first stage's
     tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
     state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
                        train_loader.generator)

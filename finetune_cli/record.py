@@ -30,7 +30,8 @@ class Recorder:
         self.started = time.perf_counter()
         self.summary: Dict[str, Any] = {}
         self.rows: List[Dict[str, Any]] = []
-        self.saved_epoch = 0  # the newest epoch in checkpoints/last.pt
+        self.saved_epoch = 0  # the newest epoch saved: in last.pt once this run saved one, else in resumed_from
+        self.saved_here = False
         self.resumed_from: Optional[Path] = None
         self.tensorboard: Optional[TensorBoardLogger] = None
 
@@ -64,8 +65,9 @@ class Recorder:
         atomic_json(self.summary, self.out_dir / "summary.json")
         return self.summary
 
-    def planned(self, summary: Dict[str, Any]) -> Dict[str, Any]:
-        self.summary = {**summary, "status": "planned"}
+    def planned(self, summary: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
+        self.summary = {**summary, "status": "planned", "events": []}
+        atomic_json(classes, self.out_dir / "classes.json")
         atomic_json(self.summary, self.out_dir / "summary.json")
         return self.summary
 
@@ -96,7 +98,7 @@ class Recorder:
         if self.tensorboard is not None:
             self.tensorboard.log_epoch(row)
         atomic_torch_save(checkpoint, self.last)
-        self.saved_epoch = int(row["epoch"])
+        self.saved_epoch, self.saved_here = int(row["epoch"]), True
         for name, wanted in (("best.pt", best), (keep_as, bool(keep_as)), (self.stage_best.name, stage_best)):
             if wanted:  # the same bytes: copied, not serialized again
                 atomic_copy(self.last, self.checkpoints / name)
@@ -123,7 +125,7 @@ class Recorder:
         self.close()
         self.summary.update(status="interrupted", error=str(exc), total_seconds=self.seconds())
         atomic_json(self.summary, self.out_dir / "summary.json")
-        saved = self.last if self.last.is_file() else self.resumed_from
+        saved = self.last if self.saved_here else self.resumed_from
         if saved is not None and self.saved_epoch:
             log.warning(
                 f"Interrupted ({exc}); that epoch is abandoned. Epochs 1-{self.saved_epoch} are saved in {saved}. "

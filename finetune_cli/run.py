@@ -18,7 +18,7 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.plan import show_plan
 from finetune_cli.record import Recorder, read_summary
 from finetune_cli.runtime import seed_everything
-from finetune_cli.train.checkpoint import find_resume, resume
+from finetune_cli.train.checkpoint import find_resume, finished_before_build, resume
 from finetune_cli.train.fit import fit
 from finetune_cli.train.mixing import make_mixer
 
@@ -38,11 +38,14 @@ def run(
     recorder = Recorder(out_dir, command)
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, recorder)
+    done = None if cfg.plan else finished_before_build(cfg.trainer.resume, out_dir, resolved)
+    if done:
+        return already_finished(done.checkpoint, done.finished)
 
     parts = build(cfg, recorder, resolved, training=not cfg.plan)
     summary = show_plan(cfg, parts, label, out_dir)
     if cfg.plan:
-        return recorder.planned(summary)
+        return recorder.planned(summary, parts.splits.classes)
 
     ckpt = find_resume(cfg.trainer.resume, out_dir, cfg.model.name, parts.splits.classes)
     start = resume(parts.state, ckpt, parts.controller.epochs)

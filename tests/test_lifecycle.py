@@ -41,10 +41,16 @@ def scripted_validation(monkeypatch):
     return script
 
 
-def test_resuming_a_completed_run_changes_nothing(finetune):
+def test_resuming_a_completed_run_changes_nothing(finetune, monkeypatch):
     summary, run = finetune(*TINY, "trainer.epochs=2")
     assert summary["status"] == "completed"
     before = snapshot(run)
+    import finetune_cli.run
+
+    def no_build(*args, **kw):
+        raise AssertionError("a finished run builds nothing: no download, no data check")
+
+    monkeypatch.setattr(finetune_cli.run, "build", no_build)
     again, same = finetune(*TINY, "trainer.epochs=2", "trainer.resume=auto", out_dir=run)
     assert same == run
     assert again["status"] == "completed" and again["best"] == summary["best"]
@@ -93,6 +99,30 @@ def test_stage_best_comes_back_from_its_checkpoint_file(finetune, scripted_valid
     assert (ck / "epoch_002.pt").stat().st_size < 1.05 * (ck / "epoch_001.pt").stat().st_size
 
 
+def test_the_first_stages_lr_multiplier_applies_from_the_first_step(finetune):
+    stages = "strategy.stages=[{epochs:1,train_groups:0,lr_mult:0.1},{epochs:1,train_groups:1,lr_mult:1.0}]"
+    summary, run = finetune(*TINY, "strategy=staged", stages, "schedule=constant", "optimizer.lr=0.01")
+    assert [float(r["lr_head"]) for r in rows(run)] == pytest.approx([0.001, 0.01])
+    assert summary["groups"][-1]["lr"] == "1.00e-03"  # the plan says what runs
+
+
+def test_a_missing_stage_snapshot_is_said_and_does_not_stop_the_run(finetune, scripted_validation, monkeypatch, caplog):
+    from finetune_cli.record import Recorder
+
+    real = Recorder.epoch
+
+    def epoch_without_snapshot(self, *args, **kw):
+        real(self, *args, **kw)
+        self.stage_best.unlink(missing_ok=True)  # as after a copy of last.pt alone to another machine
+
+    monkeypatch.setattr(Recorder, "epoch", epoch_without_snapshot)
+    stages = "strategy.stages=[{epochs:3,train_groups:1,patience:1},{epochs:1,train_groups:-1,lr_mult:0.1}]"
+    scripted_validation([0.5, 0.4, 0.6, 0.6])
+    summary, _ = finetune(*TINY, "strategy=staged", stages)
+    assert summary["status"] == "completed" and summary["epochs_run"] == 4
+    assert "Cannot restore the best weights of stage 1" in caplog.text and "there is no such file" in caplog.text
+
+
 def test_metrics_row_describes_the_epoch_it_ran(finetune, scripted_validation):
     """A plateau unfreezes a group after epoch 2: that row still reports the head-only epoch."""
     scripted_validation([0.5, 0.5, 0.5])
@@ -125,8 +155,8 @@ def test_a_patience_of_zero_is_refused(finetune, override, key):
 
 
 def test_ulmfit_keeps_its_schedule_under_an_experiment_preset(finetune, caplog):
-    summary, _ = finetune("experiment=quickstart", *TINY, "strategy=ulmfit", "plan=true")
-    assert summary["schedule"] == "stlr"
+    summary, run = finetune("experiment=quickstart", *TINY, "strategy=ulmfit", "plan=true")
+    assert summary["schedule"] == "stlr" and (run / "classes.json").is_file()
     assert "it replaces schedule=cosine" in caplog.text
     summary, _ = finetune("experiment=quickstart", *TINY, "strategy=ulmfit", "strategy.schedule=null", "plan=true")
     assert summary["schedule"] == "cosine"
@@ -164,6 +194,17 @@ def test_interrupted_in_the_first_resumed_epoch_names_the_saved_epochs(tmp_path,
     assert exit_.code == 143
     assert "Epochs 1-3 are saved in" in caplog.text and f"trainer.resume={source}" in caplog.text
     assert "1-0" not in caplog.text
+    # resumed in its own folder from an older checkpoint: that one holds the saved epochs, not last.pt
+    older = tmp_path / "new" / "checkpoints" / "epoch_002.pt"
+    older.parent.mkdir(parents=True, exist_ok=True)
+    older.write_bytes(b"x")
+    (older.parent / "last.pt").write_bytes(b"y")
+    rec = Recorder(tmp_path / "new", command="finetune-cli x=1")
+    rec.resumed(older, 2, history=[], events=[])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune_cli"):
+        rec.interrupted(Interrupted(signal.SIGTERM, 3))
+    assert f"Epochs 1-2 are saved in {older}" in caplog.text
 
 
 def test_peak_memory_is_the_runs_own_in_a_process_that_ran_more(finetune):

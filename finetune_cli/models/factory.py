@@ -132,7 +132,8 @@ def head_from_tensors(template: nn.Module, tensors: Dict[str, torch.Tensor]) -> 
     specs = [HeadSpec(), HeadSpec(dropout=0.5), HeadSpec(HeadType.mlp, hidden=tensors[weights[0]].shape[0])]
     for spec in specs:
         try:
-            head = _new_head(template, classes, spec)
+            with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the run's random stream alone
+                head = _new_head(template, classes, spec)
         except FinetuneError:  # no MLP head for SqueezeNet
             continue
         own = head.state_dict()

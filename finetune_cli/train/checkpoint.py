@@ -96,13 +96,39 @@ class TrainState:
         self.optimizer.load_state_dict(current)
 
 
-def finished_reason(ckpt: Dict[str, Any], epochs: int) -> Optional[str]:
-    """Why the run that saved ``ckpt`` has nothing left to train, or None."""
+def finished_reason(ckpt: Dict[str, Any], epochs: int, patience: Optional[int] = None) -> Optional[str]:
+    """Why the run that saved ``ckpt`` has nothing left to train, or None. ``epochs`` and
+    ``patience``: this run's settings (checkpoints of earlier versions carry no ``finished``)."""
     if ckpt.get("finished"):
         return str(ckpt["finished"])
     if int(ckpt["epoch"]) >= epochs:
         return f"all {epochs} epochs ran"
+    if (ckpt.get("strategy") or {}).get("finished"):
+        return "the strategy's last stage stopped early"
+    if patience is not None and (ckpt.get("tracker") or {}).get("bad_epochs", 0) >= patience:
+        return f"early stopping after {patience} epochs without improvement"
     return None
+
+
+def _setting(config: Optional[Dict[str, Any]], *keys: str) -> Any:
+    for key in keys:
+        config = (config or {}).get(key)
+    return config
+
+
+def finished_before_build(spec: Optional[str], out_dir: Path, resolved: Dict[str, Any]) -> Optional[Start]:
+    """A checkpoint whose run is complete under the same model and length settings, found before
+    anything is built (no download, no data check): a resubmitted finished job does no work."""
+    path = checkpoint_path(spec, out_dir)
+    if path is None:
+        return None
+    ckpt = read_checkpoint(path)
+    same = [("model", "name"), ("trainer", "epochs"), ("strategy", "name"), ("strategy", "stages")]
+    if any(_setting(ckpt.get("config"), *k) != _setting(resolved, *k) for k in same):
+        return None  # decided after the build, against the run's own plan
+    planned = ckpt.get("planned_epochs")
+    why = ckpt.get("finished") or (f"all {planned} epochs ran" if planned and ckpt["epoch"] >= planned else None)
+    return Start(int(ckpt["epoch"]) + 1, path, finished=why) if why else None
 
 
 # --- resuming --------------------------------------------------------------------------------
@@ -135,23 +161,33 @@ def load_resume(spec: str, model_name: str, classes: List[str]) -> Dict[str, Any
     return ckpt
 
 
-def find_resume(spec: Optional[str], out_dir: Path, model_name: str, classes: List[str]) -> Optional[Dict[str, Any]]:
-    """The checkpoint to continue from: trainer.resume, or with ``auto`` this folder's last.pt."""
+def checkpoint_path(spec: Optional[str], out_dir: Path) -> Optional[Path]:
+    """trainer.resume as a file: the given checkpoint or run folder, or with ``auto`` this
+    folder's last.pt when there is one."""
+    if not spec:
+        return None
     if spec == "auto":
         own = out_dir / "checkpoints" / "last.pt"
-        if not own.is_file():
+        return own if own.is_file() else None
+    return resolve_checkpoint(spec, prefer="last.pt")
+
+
+def find_resume(spec: Optional[str], out_dir: Path, model_name: str, classes: List[str]) -> Optional[Dict[str, Any]]:
+    """The checkpoint to continue from: trainer.resume, or with ``auto`` this folder's last.pt."""
+    path = checkpoint_path(spec, out_dir)
+    if path is None:
+        if spec == "auto":
             log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
                      "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
-            return None
-        spec = str(own)
-    return load_resume(spec, model_name, classes) if spec else None
+        return None
+    return load_resume(str(path), model_name, classes)
 
 
 def resume(state: TrainState, ckpt: Optional[Dict[str, Any]], epochs: int) -> Start:
     """Restore ``ckpt`` into ``state`` (the strategy's mask included), or start at epoch 1."""
     if ckpt is None:
         return Start()
-    finished = finished_reason(ckpt, epochs)
+    finished = finished_reason(ckpt, epochs, state.tracker.patience)
     if finished:
         return Start(int(ckpt["epoch"]) + 1, Path(ckpt["path"]), finished=finished)
     first = state.restore(ckpt)

@@ -54,6 +54,7 @@ class CacheDecision:
     train: bool
     val: bool
     why_not: List[str] = field(default_factory=list)  # why each part that is off is off
+    demanded: bool = False  # data.cache_features=true: caching is required, not just allowed
 
     def describe(self, tail: Tail) -> str:
         where = f"the input of {tail.path}"
@@ -107,7 +108,7 @@ def decide(setting: Optional[bool], *, frozen_below_head: bool, tail_ok: bool, b
     if aux:
         why.append("auxiliary classifiers train on inner layers")
     why += blockers
-    decision = CacheDecision(train=not why, val=val, why_not=why)
+    decision = CacheDecision(train=not why, val=val, why_not=why, demanded=setting is True)
     if setting is True and not decision.train:
         raise FinetuneError(
             "data.cache_features=true, but training features cannot be cached: " + "; ".join(why) +

@@ -78,9 +78,13 @@ def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
     try:
         found = cached_features(parts, recorder)
     except TailMismatch as exc:
-        log.warning(f"Feature cache off: {exc}.")
+        why = f"this model's output is not a function of its head's input alone ({exc})"
+        if parts.caching.demanded:
+            raise FinetuneError(f"data.cache_features=true, but features cannot be cached: {why}. "
+                                "Use data.cache_features=auto or false.") from None
+        log.warning(f"Feature cache off: {why}.")
         parts.caching.train = parts.caching.val = False
-        parts.caching.why_not.append(str(exc))
+        parts.caching.why_not.append(why)
         found = {}
     bs, device, loader = parts.settings.batch_size, parts.env.device, parts.train_loader
     if "train" in found:
@@ -131,6 +135,18 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
     return tr, va
 
 
+def restore_stage_best(parts: Parts, recorder: Recorder, event: RestoreStageBest, epoch: int) -> None:
+    """Weights and optimizer moments of the stage's best epoch, from checkpoints/stage_best.pt."""
+    path = recorder.stage_best
+    ckpt = read_checkpoint(path) if path.is_file() else None
+    if ckpt is None or int(ckpt["epoch"]) != event.epoch:
+        found = "there is no such file" if ckpt is None else f"it holds epoch {ckpt['epoch']}"
+        log.warning(f"Cannot restore the best weights of stage {event.stage}: {path} should hold epoch {event.epoch}, "
+                    f"but {found}. The next stage starts from the weights of epoch {epoch} instead.")
+        return
+    parts.state.restore_weights(ckpt)
+
+
 def finished_reason(parts: Parts) -> Optional[str]:
     """Why the run stops before its last epoch, or None."""
     tracker = parts.state.tracker
@@ -163,8 +179,9 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     parts.schedule.step_epoch(monitored)
     improved = parts.state.tracker.update(monitored, epoch)
     after = controller.end_epoch(epoch, monitored)
-    if any(isinstance(e, RestoreStageBest) and e.epoch != epoch for e in after):
-        parts.state.restore_weights(read_checkpoint(recorder.stage_best))
+    for e in after:
+        if isinstance(e, RestoreStageBest) and e.epoch != epoch:
+            restore_stage_best(parts, recorder, e, epoch)
     apply_phase(parts, after)
     finished = finished_reason(parts)
 
@@ -180,7 +197,7 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     recorder.epoch(
         row,
         parts.state.checkpoint(epoch, metrics=row, history=recorder.rows + [row], events=events_so_far,
-                               finished=finished, **parts.identity),
+                               finished=finished, planned_epochs=controller.epochs, **parts.identity),
         best=improved,
         keep_as=f"epoch_{epoch:03d}.pt" if save_every and epoch % save_every == 0 else None,
         stage_best=any(isinstance(e, KeepStageBest) for e in after),
