@@ -20,9 +20,9 @@ from finetune_cli.data.transforms import Preprocess, eval_transform
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
 from finetune_cli.models.factory import preprocess_for
 from finetune_cli.models.groups import head_paths
-from finetune_cli.models.pretrain import synthetic_weights
+from finetune_cli.models.pretrain import estimate_seconds, synthetic_weights, synthetic_weights_path
 from finetune_cli.models.tail import Tail, find_tail
-from finetune_cli.models.weights import WeightsChoice
+from finetune_cli.models.weights import WeightsChoice, hub_file
 from finetune_cli.paths import cache_dir
 from finetune_cli.record import Recorder
 from finetune_cli.runtime import pick_device, pick_precision, speed_switches
@@ -121,6 +121,26 @@ def weights_choice(cfg: Config, env: Env) -> WeightsChoice:
     return WeightsChoice("file", path=path, label="synthetic: pretrained on the source task")
 
 
+def planned_weights(cfg: Config, env: Env) -> WeightsChoice:
+    """For a plan, which never trains or downloads: the weights when they are already here, else
+    random init of the same architecture, labelled with what a run would do first."""
+    name, spec = cfg.model.name, cfg.model.weights
+    if spec == "synthetic":
+        size = cfg.data.image_size or preprocess_for(name, WeightsChoice("none"), None).crop_size
+        path = synthetic_weights_path(env.cache, name, size)
+        if path.is_file():
+            return WeightsChoice("file", path=path, label="synthetic: pretrained on the source task")
+        seconds = estimate_seconds(name, size, env.device, env.precision)
+        return WeightsChoice("none", label=f"synthetic, not pretrained yet: a run pretrains them first, about "
+                                           f"{seconds:.0f}s here, once (cached in {path.parent})")
+    choice = resolve_weights(name, spec)
+    if choice.kind == "torchvision" and not hub_file(choice.torchvision).is_file():
+        size = choice.torchvision.meta.get("_file_size")
+        return WeightsChoice("none", label=f"{choice.describe()}, not downloaded yet: a run downloads them first"
+                                           + (f" ({size:.0f} MB)" if size else ""))
+    return choice
+
+
 def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) -> BuiltModel:
     m = cfg.model
     built = create_model(m.name, choice, len(classes), head=HeadSpec(m.head, m.head_hidden, m.head_dropout),
@@ -185,8 +205,10 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     """``resolved``: the config as saved in checkpoints. ``training=False`` (a plan) skips what
     only training needs: the regularizer's estimates."""
     env = environment(cfg)
-    choice = weights_choice(cfg, env)
-    pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
+    choice = weights_choice(cfg, env) if training else planned_weights(cfg, env)
+    # the weights' own preprocessing, also when a plan stands in random init for missing weights
+    named = choice if cfg.model.weights == "synthetic" else resolve_weights(cfg.model.name, cfg.model.weights)
+    pre = preprocess_for(cfg.model.name, named, cfg.data.image_size)
     splits = load_data(cfg.data, cfg.augment, pre, cfg.trainer.seed, env.cache, recorder.skipped_images)
     built = model_for(cfg, choice, splits.classes, env)
     groups, t = built.groups, cfg.trainer

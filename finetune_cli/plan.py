@@ -67,7 +67,8 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     if recipe.decision:
         out.insert(0, f"auto strategy: {recipe.decision['reason']} -> {recipe.decision['chose']}")
     out += [f"Timeline: {step}" for step in timeline(recipe)]
-    out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images.")
+    unused = " (data.val_fraction is not used: the val/ folder is the validation set)" if splits.val_source.startswith("val/") else ""
+    out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images{unused}.")
     if cfg.regularizer.name != RegularizerName.none:
         out.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone, "
                    "in place of its weight decay (the head keeps optimizer.weight_decay)")

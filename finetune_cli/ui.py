@@ -57,6 +57,17 @@ def show_epoch(row: Dict[str, Any], epochs: int, best: bool) -> None:
     )
 
 
+def trainable_text(summary: Dict[str, Any]) -> str:
+    """At the end of the run, and the range when the strategy changed it (progressive, staged)."""
+    total = max(summary["total_params"], 1)
+    start = summary["trainable_params"]
+    end = summary.get("trainable_params_final", start)
+    text = f"{end:,} / {summary['total_params']:,} ({100 * end / total:.1f}%) at the end"
+    if end != start:
+        text += f"; {100 * start / total:.1f}% -> {100 * end / total:.1f}% during the run"
+    return text
+
+
 def show_result(summary: Dict[str, Any]) -> None:
     log.info("Result")
     table = Table(show_header=False)
@@ -72,8 +83,7 @@ def show_result(summary: Dict[str, Any]) -> None:
         ("epochs run", str(summary["epochs_run"])),
         ("time", f"{summary['total_seconds']:.1f}s in all: {summary['train_seconds']:.1f}s training "
                  f"({summary['train_images_per_s']:.0f} img/s), {summary['setup_seconds']:.1f}s setup"),
-        ("trainable", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
-                      f"({summary['trainable_pct']:.1f}%)"),
+        ("trainable", trainable_text(summary)),
         ("peak memory", f"{summary['peak_memory_mb']:.0f} MB ({summary['peak_memory_kind']})"),
         ("outputs", summary["output_dir"]),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +41,32 @@ def synthetic_weights_path(cache: Path, model_name: str, image_size: int) -> Pat
     recipe = json.dumps([RECIPE_VERSION, SOURCE, EPOCHS, LR, BATCH], sort_keys=True).encode()
     digest = hashlib.sha1(recipe).hexdigest()[:8]
     return cache / "weights" / f"synthetic-{model_name}-{image_size}px-{digest}.pt"
+
+
+def estimate_seconds(model_name: str, image_size: int, device: torch.device, precision: Precision) -> float:
+    """About how long ``synthetic_weights`` would take here: one training step of a batch at
+    this size is timed (after a warm-up step) and scaled to the whole recipe, validation included."""
+    with torch.random.fork_rng(devices=[]):
+        built = create_model(model_name, WeightsChoice("none"), SOURCE["classes"], image_size=image_size)
+        model = built.model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        x = torch.randn(BATCH, 3, image_size, image_size, device=device)
+        y = torch.randint(0, SOURCE["classes"], (BATCH,), device=device)
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            with precision.autocast(device):
+                out = model(x)
+                logits = out[0] if isinstance(out, tuple) else out
+                loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+    steps = EPOCHS * SOURCE["classes"] * SOURCE["train_per_class"] / BATCH
+    return times[-1] * steps * 1.3  # validation and image decoding: about a third more
 
 
 def synthetic_weights(
