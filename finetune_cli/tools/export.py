@@ -4,9 +4,9 @@ Writes ``model.onnx`` (dynamic batch axis; input ``images`` NCHW float32, output
 ``model.pt2`` (``torch.export``, dynamic batch) and ``model_card.json`` (classes, input size,
 normalization, source run, export checks). ``model.onnx`` is one self-contained file, weights
 included; only a model too large for that (about 1.5 GB of weights and more) keeps its weights in
-``model.onnx.data`` beside it, and both files are then named and must be copied together. Each export is run on a sample batch of a different
-size than the one traced and compared with PyTorch: the largest absolute difference is printed
-and must stay within ``--tolerance``. ONNX needs the ``export`` extra
+``model.onnx.data`` beside it, and both files are then named and must be copied together. Each
+export is run on a sample batch of a different size than the one traced and compared with
+PyTorch: the largest absolute difference is printed and must stay within ``--tolerance``. ONNX needs the ``export`` extra
 (``pip install 'finetune-cli[export]'``: onnx, onnxscript, onnxruntime).
 """
 
