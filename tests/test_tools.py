@@ -140,22 +140,86 @@ def test_predict_top_k_agrees_with_evaluate(sweep, tmp_path):
     assert len(data) == 101 and len(data[0]["top"]) == 3
 
 
+def _two_class_checkpoint(sweep, dest: Path) -> Path:
+    """The linear-probe checkpoint cut down to its first two classes, saved at ``dest``."""
+    ckpt = torch.load(run_dirs(sweep)[0] / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["classes"] = ckpt["classes"][:2]
+    for key in ("fc.weight", "fc.bias"):
+        ckpt["model"][key] = ckpt["model"][key][:2].clone()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, dest)
+    return dest
+
+
+def test_predict_writes_into_the_run_folder_and_says_where(sweep, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sorted((_val_folder(run_dirs(sweep)[0]) / "circle_solid").iterdir())[:2]:
+        shutil.copy(f, images / f.name)
+    run = tmp_path / "run"
+    ckpt = _two_class_checkpoint(sweep, run / "checkpoints" / "best.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = tool("predict", ckpt, images, "--top-k", "3", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "--top-k 3 lowered to 2: the model has only 2 classes." in proc.stdout
+    assert f"wrote {run / 'predictions.csv'} and {run / 'predictions.json'}" in proc.stdout
+    assert list(work.iterdir()) == []
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    assert len(rows) == 2 and list(rows[0]) == ["path", "class1", "prob1", "class2", "prob2", "error"]
+    assert all(float(r["prob1"]) + float(r["prob2"]) == pytest.approx(1, abs=1e-5) for r in rows)
+
+    # a checkpoint outside a run folder: the current folder, named in the output
+    loose = tmp_path / "loose.pt"
+    shutil.copy(ckpt, loose)
+    proc = tool("predict", loose, images, "--top-k", "2", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "lowered" not in proc.stdout
+    assert f"wrote {work / 'predictions.csv'} and {work / 'predictions.json'}" in proc.stdout
+    assert len(json.loads((work / "predictions.json").read_text())) == 2
+
+
+def test_predict_refuses_a_named_file_that_is_not_an_image(sweep, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(next((_val_folder(run_dirs(sweep)[0]) / "circle_solid").iterdir()), folder / "a.png")
+    notes = folder / "notes.txt"
+    notes.write_text("not an image")
+    proc = tool("predict", run_dirs(sweep)[0], folder / "a.png", notes, "--out-dir", tmp_path / "p", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {notes} is not an image file" in proc.stderr and ".png" in proc.stderr and ".jpg" in proc.stderr
+    assert not (tmp_path / "p").exists()
+    # inside a folder it is skipped, and counted
+    proc = tool("predict", run_dirs(sweep)[0], folder, "--out-dir", tmp_path / "p", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Skipped 1 file(s) in the given folder(s) that are not images" in proc.stdout
+    assert "1 images predicted, 0 unreadable" in proc.stdout
+
+
 def test_export_onnx_and_torch_export_match_pytorch(sweep, tmp_path):
     import onnxruntime as ort
 
     from finetune_cli.tools.loading import load_for_inference
 
     run = run_dirs(sweep)[1]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "model.onnx.data").write_bytes(b"weights of an earlier export")
     proc = tool("export", run, "--out-dir", tmp_path / "x", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ONNX (onnxruntime): max abs difference from PyTorch" in proc.stdout
+    # one self-contained .onnx file: nothing beside it, so copying it alone is enough
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["model.onnx", "model.pt2", "model_card.json"]
+    assert ".data" not in proc.stdout
+    alone = tmp_path / "elsewhere" / "model.onnx"
+    alone.parent.mkdir()
+    shutil.copy(tmp_path / "x" / "model.onnx", alone)
     card = json.loads((tmp_path / "x" / "model_card.json").read_text())
     assert card["model"] == "resnet18" and card["num_classes"] == 10 and len(card["classes"]) == 10
     assert card["input"]["shape"] == ["batch", 3, 32, 32] and len(card["preprocessing"]["mean"]) == 3
     assert card["onnx"]["max_abs_diff"] <= 1e-4 and card["torch_export"]["max_abs_diff"] <= 1e-4
-    assert card["source"]["run"] == str(run)
+    assert card["source"]["run"] == str(run) and "external_data" not in card["onnx"]
     # an independent check: another batch size through onnxruntime against the checkpoint in PyTorch
-    session = ort.InferenceSession(str(tmp_path / "x" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
     x = torch.randn(5, 3, 32, 32)
     got = session.run(None, {"images": x.numpy()})[0]
     model = load_for_inference(str(run)).model
@@ -250,3 +314,21 @@ def test_device_cuda_without_a_gpu_names_the_option(module, tmp_path):
     proc = tool(module, tmp_path / "run", tmp_path, "--device", "cuda", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--device=cuda, but no CUDA GPU is visible" in proc.stderr and "--device=cpu" in proc.stderr
+
+
+def test_export_names_the_weights_file_an_onnx_model_keeps_beside_it(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finetune_cli.tools.export import _external_files
+
+    weight = numpy_helper.from_array(np.ones((64, 64), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    model = helper.make_model(graph)
+    onnx.save_model(model, tmp_path / "one.onnx")
+    assert _external_files(tmp_path / "one.onnx") == []
+    onnx.save_model(model, tmp_path / "big.onnx", save_as_external_data=True, location="big.onnx.data",
+                    size_threshold=0)
+    assert _external_files(tmp_path / "big.onnx") == ["big.onnx.data"]

@@ -2,9 +2,11 @@
 
 Writes ``model.onnx`` (dynamic batch axis; input ``images`` NCHW float32, output ``logits``),
 ``model.pt2`` (``torch.export``, dynamic batch) and ``model_card.json`` (classes, input size,
-normalization, source run, export checks). Each export is run on a sample batch of a different
-size than the one traced and compared with PyTorch: the largest absolute difference is printed
-and must stay within ``--tolerance``. ONNX needs the ``export`` extra
+normalization, source run, export checks). ``model.onnx`` is one self-contained file, weights
+included; only a model too large for that (about 1.5 GB of weights and more) keeps its weights in
+``model.onnx.data`` beside it, and both files are then named and must be copied together. Each
+export is run on a sample batch of a different size than the one traced and compared with
+PyTorch: the largest absolute difference is printed and must stay within ``--tolerance``. ONNX needs the ``export`` extra
 (``pip install 'finetune-cli[export]'``: onnx, onnxscript, onnxruntime).
 """
 
@@ -41,11 +43,28 @@ def _check(name: str, diff: float, tolerance: float) -> None:
         )
 
 
+def _external_files(path: Path) -> List[str]:
+    """The files (relative to ``path``'s folder) an ONNX model keeps its weights in, besides itself."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    found: List[str] = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location and location not in found:
+                found.append(location)
+    return found
+
+
 def export_onnx(loaded: Loaded, path: Path, opset: int, tolerance: float) -> Dict[str, Any]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise FinetuneError(f"ONNX export needs onnxruntime to verify the file: {EXTRA_HINT}.") from None
+    # weights beside the model from an earlier export would be stale, or stray next to a single file
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
     quiet = io.StringIO()
     try:
@@ -54,9 +73,11 @@ def export_onnx(loaded: Loaded, path: Path, opset: int, tolerance: float) -> Dic
             torch.onnx.export(
                 loaded.model, (_sample(loaded, 2, 0),), str(path), dynamo=True, opset_version=opset,
                 input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                external_data=False,  # the exporter still writes model.onnx.data for a model too large for one file
             )
     except ImportError as exc:
         raise FinetuneError(f"ONNX export needs {exc.name or 'onnx and onnxscript'}: {EXTRA_HINT}.") from None
+    external = _external_files(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = _sample(loaded, 3, 1)
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
@@ -64,7 +85,13 @@ def export_onnx(loaded: Loaded, path: Path, opset: int, tolerance: float) -> Dic
         want = loaded.model(x)
     diff = float((got - want).abs().max())
     _check("ONNX (onnxruntime)", diff, tolerance)
-    return {"file": path.name, "opset": opset, "max_abs_diff": diff, "verified_batch": 3, "dynamic_axes": {"images": [0]}}
+    info: Dict[str, Any] = {"file": path.name, "opset": opset, "max_abs_diff": diff, "verified_batch": 3,
+                            "dynamic_axes": {"images": [0]}}
+    if external:
+        info["external_data"] = external
+        info["note"] = (f"the weights are in {', '.join(external)}, which must stay in the same folder as "
+                        f"{path.name} (a model this large cannot be one ONNX file)")
+    return info
 
 
 def export_program(loaded: Loaded, path: Path, tolerance: float) -> Dict[str, Any]:
@@ -124,7 +151,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     card = export(args.checkpoint, out, opset=args.opset, tolerance=args.tolerance, onnx=not args.no_onnx,
                   program=not args.no_pt2)
     files = [card[k]["file"] for k in ("onnx", "torch_export") if k in card] + ["model_card.json"]
+    external = card.get("onnx", {}).get("external_data", [])
+    files[1:1] = external
     print(f"Wrote {', '.join(str(out / f) for f in files)}")
+    if external:
+        print(f"{card['onnx']['file']} keeps its weights in {', '.join(external)}: copy them together.")
     return 0
 
 

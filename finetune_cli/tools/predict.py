@@ -1,8 +1,10 @@
 """``finetune-cli-predict CHECKPOINT PATH...``: top-k classes for images or folders of images.
 
 Uses the checkpoint's own preprocessing, in batches. Prints a table and writes
-``predictions.csv`` and ``predictions.json``. An image that cannot be read gets an error row;
-the others are still predicted.
+``predictions.csv`` and ``predictions.json`` into the run folder the checkpoint belongs to (the
+current folder for a checkpoint outside a run folder), or ``--out-dir``. An image that cannot be
+read gets an error row; the others are still predicted. A file named on the command line must be an
+image; files in a given folder that are not images are skipped and counted.
 """
 
 from __future__ import annotations
@@ -17,27 +19,41 @@ import torch
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
-from finetune_cli.data.folders import is_image, load_rgb
+from finetune_cli.data.folders import EXTENSIONS, is_image, load_rgb
 from finetune_cli.data.transforms import decode_side, eval_transform
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
 from finetune_cli.runtime import pick_device
-from finetune_cli.tools.loading import load_for_inference, tool_main, tool_parser
+from finetune_cli.tools.loading import load_for_inference, run_dir_of, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
 from finetune_cli.train.engine import split_outputs
 
 
 def collect(paths: List[Path]) -> List[Path]:
+    """The images to predict: files named as given (each must have an image extension), and the
+    images found in folders, searched recursively; other files in those folders are skipped and counted."""
     files: List[Path] = []
+    skipped = 0
+    accepted = ", ".join(EXTENSIONS)
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image(str(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file())
+            images = [f for f in found if is_image(str(f))]
+            skipped += len(found) - len(images)
+            files += images
         elif p.is_file():
+            if not str(p).lower().endswith(EXTENSIONS):
+                raise FinetuneError(
+                    f"{p} is not an image file: the accepted extensions are {accepted}. Give image files "
+                    "or folders of images."
+                )
             files.append(p)
         else:
             raise FinetuneError(f"{p} does not exist: give image files or folders of images.")
+    if skipped:
+        print(f"Skipped {skipped} file(s) in the given folder(s) that are not images ({accepted}).")
     if not files:
-        raise FinetuneError(f"No images found in {', '.join(map(str, paths))}.")
+        raise FinetuneError(f"No images found in {', '.join(map(str, paths))} (accepted extensions: {accepted}).")
     return files
 
 
@@ -63,9 +79,13 @@ def _collate(batch):
 
 
 def predict(checkpoint: str, paths: List[Path], *, top_k: int, batch_size: int, device: torch.device) -> List[Dict[str, Any]]:
+    if top_k < 1:
+        raise FinetuneError(f"--top-k {top_k}: give 1 or more.")
     loaded = load_for_inference(checkpoint, device)
     files = collect(paths)
-    k = max(1, min(top_k, len(loaded.classes)))
+    k = min(top_k, len(loaded.classes))
+    if k < top_k:
+        print(f"--top-k {top_k} lowered to {k}: the model has only {k} classes.")
     loader = DataLoader(_Images(files, eval_transform(loaded.preprocess), decode_side(loaded.preprocess)), batch_size=batch_size, collate_fn=_collate)
     rows: List[Optional[Dict[str, Any]]] = [None] * len(files)
     with torch.inference_mode():
@@ -106,7 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("paths", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out-dir", type=Path, default=Path("."), help="where predictions.csv/json go (default: .)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="where predictions.csv/json go (default: the checkpoint's run folder, else .)")
     args = parser.parse_args(argv)
     device = pick_device(args.device, option="--device")
     rows = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=device)
@@ -119,10 +140,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         cells = [f"{t['class']} {t['prob']:.3f}" for t in row["top"][:3]] or [f"error: {row['error']}"]
         table.add_row(row["path"], *cells, *[""] * (min(k, 3) - len(cells)))
     wide_console().print(table)
-    write_outputs(rows, args.out_dir, k)
+    out = args.out_dir
+    if out is None:
+        from finetune_cli.train.checkpoint import resolve_checkpoint
+
+        out = run_dir_of(resolve_checkpoint(args.checkpoint)) or Path.cwd()
+    write_outputs(rows, out, k)
     failed = sum(1 for r in rows if r["error"])
-    print(f"{len(rows) - failed} images predicted, {failed} unreadable; wrote {args.out_dir / 'predictions.csv'} and "
-          f"{args.out_dir / 'predictions.json'}")
+    print(f"{len(rows) - failed} images predicted, {failed} unreadable; wrote {out / 'predictions.csv'} and "
+          f"{out / 'predictions.json'}")
     return 0
 
 
