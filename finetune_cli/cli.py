@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import logging
 import shlex
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune_cli.config import register_configs
+from finetune_cli.config import Config, register_configs
 from finetune_cli.errors import FinetuneError
 from finetune_cli.paths import conf_dir
 
@@ -69,8 +72,47 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 register_configs()
 
 
+def unknown_key(args: Sequence[str]) -> Optional[str]:
+    """The first ``key=value`` argument whose key the schema lacks, said with the closest keys.
+    (Hydra's own message suggests ``+key=value``, which adds the typo to the config.)"""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key[:1] in "+~" or "/" in key or "@" in key or key.split(".")[0] == "hydra" or (conf_dir() / key).is_dir():
+            continue  # additions, deletions, Hydra's own keys, group paths and choices
+        node, done, parts = Config, [], key.split(".")
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break  # below a leaf (a list or mapping value): Hydra decides
+            fields = typing.get_type_hints(node)
+            if part not in fields:
+                where = ".".join(done)
+                close = difflib.get_close_matches(part, list(fields), n=3, cutoff=0.6)
+                hint = f" Did you mean {' or '.join('.'.join(done + [c] + parts[i + 1:]) for c in close)}?" if close else ""
+                listing = ", ".join(sorted(set(fields) | (set() if where else set(_groups()))))
+                return (f"Unknown config key '{key}'.{hint} Valid keys {'under ' + where if where else 'at the top'}: "
+                        f"{listing}. `finetune-cli --cfg job` prints every key with its value.")
+            done.append(part)
+            node = fields[part]
+    return None
+
+
+def _groups() -> list:
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def main() -> None:
+    """The console script: a misspelled key is named with its closest match, then Hydra runs."""
+    problem = unknown_key(sys.argv[1:])
+    if problem:
+        print(problem, file=sys.stderr)
+        raise SystemExit(1)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_main(cfg: DictConfig) -> Optional[float]:
     from finetune_cli.checks import typed_config
     from finetune_cli.record import mark_failed
     from finetune_cli.run import run
@@ -104,4 +146,4 @@ def main(cfg: DictConfig) -> Optional[float]:
     return best["value"] if best else None
 
 
-__all__ = ["main", "RunHooks", "unique_dir"]
+__all__ = ["main", "hydra_main", "RunHooks", "unique_dir"]

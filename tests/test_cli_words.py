@@ -1,0 +1,29 @@
+"""What the real CLI says to a newcomer: its help, and a misspelled key."""
+
+from helpers import cli
+
+
+def test_help_names_the_tool_and_shows_how_to_start(tmp_path):
+    proc = cli(["--help"], tmp_path)
+    assert proc.returncode == 0
+    assert "finetune-cli: fine-tune a pretrained torchvision classifier" in proc.stdout
+    assert "finetune-cli experiment=quickstart" in proc.stdout and "debug: tiny" in proc.stdout
+    assert "finetune is powered by Hydra" not in proc.stdout
+
+
+def test_a_misspelled_key_is_named_with_the_key_meant(tmp_path):
+    proc = cli(["trainer.epoch=3"], tmp_path)
+    assert proc.returncode == 1
+    assert "Unknown config key 'trainer.epoch'. Did you mean trainer.epochs?" in proc.stderr
+    assert "+trainer.epoch" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()  # stopped before any run folder
+    proc = cli(["trainr.epochs=3"], tmp_path)
+    assert proc.returncode == 1 and "Did you mean trainer.epochs?" in proc.stderr
+
+
+def test_group_choices_hydra_keys_and_additions_pass_through(tmp_path):
+    from finetune_cli.cli import unknown_key
+
+    assert unknown_key(["-m", "strategy=full,linear_probe", "debug=tiny", "hydra.run.dir=x", "hydra/launcher=basic",
+                        "+extra=1", "data.synthetic.classes=3", "strategy.stages=[{epochs:1}]", "--cfg", "job"]) is None
+    assert "optimizer.lr" in unknown_key(["optimizer.lrr=1"])
