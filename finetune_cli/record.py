@@ -132,7 +132,8 @@ class Recorder:
                 f"Resume with:\n  {self.command} trainer.resume={saved}"
             )
         else:
-            log.warning(f"Interrupted ({exc}) before the first epoch ended: nothing to resume. Run again: {self.command}")
+            log.warning(f"Interrupted ({exc}) before the first epoch ended: nothing to resume, nothing cached. "
+                        f"Run again: {self.command}")
         return SystemExit(exc.exit_code)
 
 

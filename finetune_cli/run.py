@@ -21,6 +21,7 @@ from finetune_cli.runtime import seed_everything
 from finetune_cli.train.checkpoint import find_resume, finished_before_build, resume
 from finetune_cli.train.fit import fit
 from finetune_cli.train.mixing import make_mixer
+from finetune_cli.train.shutdown import Interrupted
 
 log = logging.getLogger("finetune_cli")
 
@@ -42,7 +43,10 @@ def run(
     if done:
         return already_finished(done.checkpoint, done.finished)
 
-    parts = build(cfg, recorder, resolved, training=not cfg.plan)
+    try:
+        parts = build(cfg, recorder, resolved, training=not cfg.plan)
+    except Interrupted as exc:  # during synthetic pretraining
+        raise recorder.interrupted(exc) from None
     summary = show_plan(cfg, parts, label, out_dir)
     if cfg.plan:
         return recorder.planned(summary, parts.splits.classes)

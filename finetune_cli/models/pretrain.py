@@ -27,6 +27,7 @@ from finetune_cli.models.factory import create_model, head_prefixes, preprocess_
 from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.train.optim import Schedule, param_groups
+from finetune_cli.train.shutdown import GracefulStop, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,20 @@ def synthetic_weights(
         )
         criterion = nn.CrossEntropyLoss()
         scaler = precision.scaler(device)  # fp16 needs loss scaling, as in fine-tuning
-        for epoch in range(1, EPOCHS + 1):
-            tr = train_one_epoch(
-                model, train_loader, optimizer, criterion, device,
-                step_schedule=schedule.step_batch, precision=precision, scaler=scaler,
-                aux_weight=0.3, progress=progress, desc=f"pretrain {epoch}/{EPOCHS}",
-            )
-            va = evaluate(model, val_loader, criterion, device, precision=precision)
-            log.info(
-                f"  source epoch {epoch:>2}/{EPOCHS}  train acc {100 * tr.acc:5.1f}%  "
-                f"val acc {100 * va.acc:5.1f}%  {tr.seconds + va.seconds:.1f}s"
-            )
+        with GracefulStop() as stop:  # SIGTERM / Ctrl-C: stop after the current step, cache nothing
+            for epoch in range(1, EPOCHS + 1):
+                tr = train_one_epoch(
+                    model, train_loader, optimizer, criterion, device,
+                    step_schedule=schedule.step_batch, precision=precision, scaler=scaler,
+                    aux_weight=0.3, progress=progress, desc=f"pretrain {epoch}/{EPOCHS}", should_stop=stop.requested,
+                )
+                va = evaluate(model, val_loader, criterion, device, precision=precision, should_stop=stop.requested)
+                if stop.requested():
+                    raise Interrupted(stop.signum, epoch, "synthetic pretraining epoch")
+                log.info(
+                    f"  source epoch {epoch:>2}/{EPOCHS}  train acc {100 * tr.acc:5.1f}%  "
+                    f"val acc {100 * va.acc:5.1f}%  {tr.seconds + va.seconds:.1f}s"
+                )
     heads = head_prefixes(built.family)
     full = {k: v.cpu() for k, v in model.state_dict().items()}
     state = {k: v for k, v in full.items() if not any(k.startswith(h) for h in heads)}

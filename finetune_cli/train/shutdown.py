@@ -15,8 +15,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, epoch: int):
-        super().__init__(f"{signal.Signals(signum).name} during epoch {epoch}")
+    def __init__(self, signum: int, epoch: int, stage: str = "epoch"):
+        super().__init__(f"{signal.Signals(signum).name} during {stage} {epoch}")
         self.signum, self.epoch = signum, epoch
 
     @property

@@ -1,6 +1,7 @@
 """SIGTERM and Ctrl-C on a real training process, and resubmission with trainer.resume=auto."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -88,3 +89,20 @@ def test_a_second_signal_exits_at_once(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 130
     assert "first signal noted" in proc.stdout and "not reached" not in proc.stdout
+
+
+def test_sigterm_during_synthetic_pretraining_stops_cleanly(tmp_path):
+    """Pretraining obeys SIGTERM like training: a message, summary.json, exit 143, nothing cached."""
+    cache = tmp_path / "fresh-cache"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_cli", "debug=tiny", "model.weights=synthetic",
+                             "hydra.run.dir=outputs/pre"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "FINETUNE_CLI_CACHE": str(cache)})
+    _wait_for(proc, "source epoch  1/")
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, rest
+    assert "SIGTERM during synthetic pretraining epoch" in rest and "Traceback" not in rest
+    summary = json.loads((tmp_path / "outputs/pre/summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert not list(cache.rglob("synthetic-*.pt"))  # no half-trained weights are cached
