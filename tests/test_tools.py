@@ -332,3 +332,73 @@ def test_export_names_the_weights_file_an_onnx_model_keeps_beside_it(tmp_path):
     onnx.save_model(model, tmp_path / "big.onnx", save_as_external_data=True, location="big.onnx.data",
                     size_threshold=0)
     assert _external_files(tmp_path / "big.onnx") == ["big.onnx.data"]
+
+
+def _cell_contrasts(result):
+    from matplotlib import pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from finetune_cli.tools.evaluate import confusion_figure, contrast_ratio
+
+    fig = confusion_figure(result)
+    try:
+        matrix_ax = next(ax for ax in fig.axes if ax.images)
+        image = matrix_ax.images[0]
+        ratios = {}
+        for text in matrix_ax.texts:
+            j, i = (round(c) for c in text.get_position())
+            background = image.cmap(image.norm(result["confusion_matrix"][i][j]))
+            ratios[i, j] = (contrast_ratio(to_rgb(text.get_color()), background[:3]), text.get_text())
+        return len(fig.axes), ratios
+    finally:
+        plt.close(fig)
+
+
+def test_confusion_png_text_contrasts_with_every_cell_and_has_a_colour_bar(tmp_path):
+    from finetune_cli.tools.evaluate import confusion_png
+
+    two = {"classes": ["cat", "dog"], "confusion_matrix": [[26, 1], [3, 30]], "accuracy": 56 / 60}
+    n_axes, ratios = _cell_contrasts(two)
+    assert n_axes == 2  # the matrix and its colour bar
+    assert set(ratios) == {(0, 0), (0, 1), (1, 0), (1, 1)} and ratios[0, 0][1] == "26"
+    assert min(r for r, _ in ratios.values()) >= 4.5, ratios
+
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 6, size=(12, 12))
+    np.fill_diagonal(matrix, rng.integers(10, 80, size=12))
+    many = {"classes": [f"c{i}" for i in range(12)], "confusion_matrix": matrix.tolist(), "accuracy": 0.7}
+    n_axes, ratios = _cell_contrasts(many)
+    assert n_axes == 2
+    assert set(ratios) == {(i, j) for i in range(12) for j in range(12) if matrix[i, j]}
+    assert min(r for r, _ in ratios.values()) >= 4.5, ratios
+    share = round(100 * matrix[3, 3] / matrix[3].sum())
+    assert ratios[3, 3][1] == f"{matrix[3, 3]}\n{share}%"  # count with its share of the true class
+
+    confusion_png(many, tmp_path / "confusion.png")
+    with Image.open(tmp_path / "confusion.png") as img:
+        assert img.format == "PNG" and img.size[0] > 600
+
+
+def test_report_hide_failed_leaves_out_failed_and_unscored_runs(tmp_path):
+    _fake_job(tmp_path / "a", ["strategy=full"], _done("full", 0.9))
+    _fake_job(tmp_path / "b", ["strategy=linear_probe"], _done("linear_probe", 0.5))
+    _fake_job(tmp_path / "c", ["strategy=full", "data=broken"],
+              {"status": "failed", "strategy": "full", "error": "DownloadError: no network"})
+    _fake_job(tmp_path / "d", ["strategy=full", "data=empty"], {"status": "completed", "strategy": "full"})
+    _fake_job(tmp_path / "e", ["strategy=full", "data=gone"], None)
+
+    proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(csv.DictReader((tmp_path / "report.csv").open()))) == 5 and "Hid" not in proc.stdout
+
+    proc = tool("report", tmp_path, "--hide-failed", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Hid 3 runs that failed or have no best metric" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [r["run"] for r in rows] == ["a", "b"]
+    md = (tmp_path / "report.md").read_text()
+    assert "DownloadError" not in md and "Failed or incomplete runs" not in md
+    assert "data=broken" not in proc.stdout and "incomplete" not in proc.stdout
+    for png in ("val_acc.png", "acc_vs_time.png"):
+        with Image.open(tmp_path / png) as img:
+            img.verify()

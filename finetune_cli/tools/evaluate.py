@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -74,27 +74,75 @@ def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: i
     return result
 
 
-def confusion_png(result: Dict[str, Any], path: Path) -> None:
+def _luminance(rgb: Sequence[float]) -> float:
+    """WCAG relative luminance of an sRGB colour given as 0..1 floats."""
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """WCAG contrast ratio between two sRGB colours (1 to 21; 4.5 is the minimum for normal text)."""
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def text_colour(background: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with the background (always at least 4.58:1)."""
+    return "black" if contrast_ratio(background, (0, 0, 0)) >= contrast_ratio(background, (1, 1, 1)) else "white"
+
+
+SHARE_ABOVE = 6  # more classes than this: each cell also shows its share of the true class (row)
+
+
+def confusion_figure(result: Dict[str, Any]):
+    """The confusion matrix as a matplotlib figure: cells coloured by count from 0 to the largest
+    cell, a colour bar, each count written in black or white from the luminance of its own cell
+    and, with more than SHARE_ABOVE classes, the row share in percent under the count."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.colors import Normalize
 
     classes = result["classes"]
     matrix = result["confusion_matrix"]
-    size = max(4, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (accuracy {result['accuracy']:.3f})")
-    if len(classes) <= 30:
-        peak = max(max(row) for row in matrix) or 1
+    n = len(classes)
+    peak = max((max(row) for row in matrix if row), default=0) or 1
+    norm = Normalize(vmin=0, vmax=peak)
+    cmap = plt.get_cmap("Blues")
+    side = max(4.5, 0.62 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(matrix, cmap=cmap, norm=norm)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("images", fontsize=10)
+    bar.ax.tick_params(labelsize=9)
+    tick_size = min(11.0, max(7.0, 12 - 0.25 * n))
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=tick_size)
+    ax.set_yticks(range(n), classes, fontsize=tick_size)
+    ax.set_xlabel("predicted", fontsize=11)
+    ax.set_ylabel("true", fontsize=11)
+    ax.set_title(f"Confusion matrix (accuracy {result['accuracy']:.3f})", fontsize=12)
+    if n <= 30:
+        share = n > SHARE_ABOVE
+        cell_size = max(7.0, min(16.0, 16 - 0.5 * n if share else 18 - n))  # cells are about 0.6 inch
         for i, row in enumerate(matrix):
+            total = sum(row) or 1
             for j, v in enumerate(row):
-                if v:
-                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
+                if share and not v:
+                    continue  # many classes: blank means none, which keeps the errors easy to spot
+                label = f"{v}\n{100 * v / total:.0f}%" if share else str(v)
+                ax.text(j, i, label, ha="center", va="center", fontsize=cell_size, linespacing=1.1,
+                        color=text_colour(cmap(norm(v))))
+    if n > SHARE_ABOVE:
+        fig.text(0.01, 0.005, "each cell: count and its share of the true class (row); blank: 0", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def confusion_png(result: Dict[str, Any], path: Path) -> None:
+    from matplotlib import pyplot as plt
+
+    fig = confusion_figure(result)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -3,7 +3,8 @@
 Reads each run folder (one holding Hydra's ``.hydra/``): its ``summary.json``, ``metrics.csv``
 and ``.hydra/overrides.yaml``. Prints a table ranked by the chosen metric and writes, into PATH,
 ``report.csv``, ``report.md`` and PNG plots. Runs still going, interrupted or failed appear
-marked as such; a broken file never stops the report.
+marked as such, unless ``--hide-failed`` leaves out those that failed or have no best metric;
+a broken file never stops the report.
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def _lrs_vary(r: Run) -> bool:
     return differ or events or r.row["strategy"] in ("progressive", "ulmfit", "discriminative", "staged", "two_phase")
 
 
+def failed_or_unscored(r: Run) -> bool:
+    """A run that failed, or has no best metric to rank (failed download, bad data, stopped early)."""
+    best = r.row.get("best")
+    return r.row["status"] == "failed" or isinstance(best, bool) or not isinstance(best, (int, float))
+
+
 def build_report(root: Path, sort: str = "best") -> List[Run]:
     if not root.exists():
         raise FinetuneError(f"{root} does not exist: give a run folder, a multirun folder, or outputs/.")
@@ -191,8 +198,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("path", type=Path, help="a run folder, a multirun folder, or outputs/")
     parser.add_argument("--sort", choices=sorted(SORT_KEYS), default="best", help="ranking (default: best metric)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--hide-failed", action="store_true",
+                        help="leave out runs that failed or have no best metric (table, CSV, Markdown and plots)")
     args = parser.parse_args(argv)
     runs = build_report(args.path, args.sort)
+    if args.hide_failed:
+        hidden = [r for r in runs if failed_or_unscored(r)]
+        runs = [r for r in runs if not failed_or_unscored(r)]
+        if hidden:
+            one = len(hidden) == 1
+            print(f"Hid {len(hidden)} run{'' if one else 's'} that failed or {'has' if one else 'have'} no best "
+                  f"metric (run without --hide-failed to list {'it' if one else 'them'}).")
     wide_console().print(render_table(runs))
     out = args.path if args.path.is_dir() else args.path.parent
     write_tables(runs, out)
