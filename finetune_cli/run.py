@@ -18,7 +18,7 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.plan import show_plan
 from finetune_cli.record import Recorder, read_summary
 from finetune_cli.runtime import seed_everything
-from finetune_cli.train.checkpoint import find_resume, finished_before_build, resume
+from finetune_cli.train.checkpoint import finished_before_build, read_resume, resume
 from finetune_cli.train.fit import fit
 from finetune_cli.train.mixing import make_mixer
 from finetune_cli.train.shutdown import Interrupted
@@ -39,7 +39,8 @@ def run(
     recorder = Recorder(out_dir, command)
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, recorder)
-    done = None if cfg.plan else finished_before_build(cfg.trainer.resume, out_dir, resolved)
+    ckpt = None if cfg.plan else read_resume(cfg.trainer.resume, out_dir)
+    done = finished_before_build(ckpt, resolved)
     if done:
         return already_finished(done.checkpoint, done.finished)
 
@@ -51,8 +52,7 @@ def run(
     if cfg.plan:
         return recorder.planned(summary, parts.splits.classes)
 
-    ckpt = find_resume(cfg.trainer.resume, out_dir, cfg.model.name, parts.splits.classes)
-    start = resume(parts.state, ckpt, parts.controller.epochs)
+    start = resume(parts.state, ckpt, parts.controller.epochs, cfg.model.name, parts.splits.classes)
     if start.finished:
         return already_finished(start.checkpoint, start.finished)
 

@@ -247,3 +247,9 @@ def test_ewc_runs_its_fisher_through_the_classifier_the_weights_came_with(finetu
     summary, _ = finetune(*TINY, "regularizer=ewc", f"model.weights={path}", "regularizer.fisher_samples=8")
     assert summary["status"] == "completed" and "through the source head" in caplog.text
     assert seen["head"].out_features == 7 and seen["outputs"] == 10  # source head 7-way, target head 10-way
+
+
+def test_resuming_with_other_classes_is_refused(finetune):
+    _, run = finetune(*TINY)
+    with pytest.raises(FinetuneError, match="was saved for resnet18 with classes .* resume with the run's own model"):
+        finetune(*TINY, "data.synthetic.classes=3", f"trainer.resume={run}", name="other")

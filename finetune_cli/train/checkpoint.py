@@ -116,19 +116,17 @@ def _setting(config: Optional[Dict[str, Any]], *keys: str) -> Any:
     return config
 
 
-def finished_before_build(spec: Optional[str], out_dir: Path, resolved: Dict[str, Any]) -> Optional[Start]:
-    """A checkpoint whose run is complete under the same model and length settings, found before
+def finished_before_build(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, Any]) -> Optional[Start]:
+    """Whether ``ckpt``'s run is complete under the same model and length settings, decided before
     anything is built (no download, no data check): a resubmitted finished job does no work."""
-    path = checkpoint_path(spec, out_dir)
-    if path is None:
+    if ckpt is None:
         return None
-    ckpt = read_checkpoint(path)
     same = [("model", "name"), ("trainer", "epochs"), ("strategy", "name"), ("strategy", "stages")]
     if any(_setting(ckpt.get("config"), *k) != _setting(resolved, *k) for k in same):
         return None  # decided after the build, against the run's own plan
     planned = ckpt.get("planned_epochs")
     why = ckpt.get("finished") or (f"all {planned} epochs ran" if planned and ckpt["epoch"] >= planned else None)
-    return Start(int(ckpt["epoch"]) + 1, path, finished=why) if why else None
+    return Start(int(ckpt["epoch"]) + 1, Path(ckpt["path"]), finished=why) if why else None
 
 
 # --- resuming --------------------------------------------------------------------------------
@@ -149,18 +147,6 @@ class Start:
         return self.epoch - 1
 
 
-def load_resume(spec: str, model_name: str, classes: List[str]) -> Dict[str, Any]:
-    path = resolve_checkpoint(spec, prefer="last.pt")
-    ckpt = read_checkpoint(path)
-    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
-        raise FinetuneError(
-            f"{path} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run has "
-            f"{model_name} with classes {classes[:5]}...: resume with the run's own model and data."
-        )
-    ckpt["path"] = str(path)
-    return ckpt
-
-
 def checkpoint_path(spec: Optional[str], out_dir: Path) -> Optional[Path]:
     """trainer.resume as a file: the given checkpoint or run folder, or with ``auto`` this
     folder's last.pt when there is one."""
@@ -172,21 +158,30 @@ def checkpoint_path(spec: Optional[str], out_dir: Path) -> Optional[Path]:
     return resolve_checkpoint(spec, prefer="last.pt")
 
 
-def find_resume(spec: Optional[str], out_dir: Path, model_name: str, classes: List[str]) -> Optional[Dict[str, Any]]:
-    """The checkpoint to continue from: trainer.resume, or with ``auto`` this folder's last.pt."""
+def read_resume(spec: Optional[str], out_dir: Path) -> Optional[Dict[str, Any]]:
+    """The checkpoint to continue from (trainer.resume, or with ``auto`` this folder's last.pt),
+    read once; its ``path`` is added."""
     path = checkpoint_path(spec, out_dir)
     if path is None:
         if spec == "auto":
             log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
                      "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
         return None
-    return load_resume(str(path), model_name, classes)
+    ckpt = read_checkpoint(path)
+    ckpt["path"] = str(path)
+    return ckpt
 
 
-def resume(state: TrainState, ckpt: Optional[Dict[str, Any]], epochs: int) -> Start:
+def resume(state: TrainState, ckpt: Optional[Dict[str, Any]], epochs: int, model_name: str, classes: List[str]
+           ) -> Start:
     """Restore ``ckpt`` into ``state`` (the strategy's mask included), or start at epoch 1."""
     if ckpt is None:
         return Start()
+    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
+        raise FinetuneError(
+            f"{ckpt['path']} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run "
+            f"has {model_name} with classes {classes[:5]}...: resume with the run's own model and data."
+        )
     finished = finished_reason(ckpt, epochs, state.tracker.patience)
     if finished:
         return Start(int(ckpt["epoch"]) + 1, Path(ckpt["path"]), finished=finished)

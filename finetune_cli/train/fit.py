@@ -147,7 +147,7 @@ def restore_stage_best(parts: Parts, recorder: Recorder, event: RestoreStageBest
     parts.state.restore_weights(ckpt)
 
 
-def finished_reason(parts: Parts) -> Optional[str]:
+def stop_reason(parts: Parts) -> Optional[str]:
     """Why the run stops before its last epoch, or None."""
     tracker = parts.state.tracker
     if tracker.should_stop:
@@ -183,7 +183,7 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
         if isinstance(e, RestoreStageBest) and e.epoch != epoch:
             restore_stage_best(parts, recorder, e, epoch)
     apply_phase(parts, after)
-    finished = finished_reason(parts)
+    finished = stop_reason(parts)
 
     said = words(events) + words(after)
     row: Dict[str, Any] = {
