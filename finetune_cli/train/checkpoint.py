@@ -117,11 +117,11 @@ def _setting(config: Optional[Dict[str, Any]], *keys: str) -> Any:
 
 
 def finished_before_build(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, Any]) -> Optional[Start]:
-    """Whether ``ckpt``'s run is complete under the same model and length settings, decided before
+    """Whether ``ckpt``'s run is complete under the same model, data and length settings, decided before
     anything is built (no download, no data check): a resubmitted finished job does no work."""
     if ckpt is None:
         return None
-    same = [("model", "name"), ("trainer", "epochs"), ("strategy", "name"), ("strategy", "stages")]
+    same = [("model", "name"), ("data",), ("trainer", "epochs"), ("strategy", "name"), ("strategy", "stages")]
     if any(_setting(ckpt.get("config"), *k) != _setting(resolved, *k) for k in same):
         return None  # decided after the build, against the run's own plan
     planned = ckpt.get("planned_epochs")
