@@ -15,11 +15,12 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes
 from finetune_cli.tools.loading import tool_main
+from finetune_cli.tools.plots import write_plots
 from finetune_cli.tools.table import (
     Run,
     memory_footnote,
@@ -75,10 +76,6 @@ def _fmt(value: Any, kind: str = "") -> str:
     return str(value)
 
 
-def _label(r: Run) -> str:
-    return r.row["overrides"] or r.row["strategy"] or r.row["run"]
-
-
 def write_tables(runs: List[Run], out: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -103,75 +100,6 @@ def write_tables(runs: List[Run], out: Path) -> None:
         lines += ["", "Failed or incomplete runs:", ""]
         lines += [f"- `{r.row['run']}`: {r.row['error']}" for r in failed]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
-
-
-def write_plots(runs: List[Run], out: Path) -> List[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    written: List[Path] = []
-
-    def save(fig, name: str) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
-        written.append(out / name)
-
-    with_metrics = [r for r in runs if r.metrics and "val_acc" in r.metrics[0]]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in with_metrics:
-        ax.plot([m["epoch"] for m in r.metrics], [m["val_acc"] for m in r.metrics], marker="o", label=_label(r))
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per epoch")
-    ax.grid(alpha=0.3)
-    if with_metrics:
-        ax.legend(fontsize=8)
-    save(fig, "val_acc.png")
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in runs:
-        if isinstance(r.row.get("best"), float) and isinstance(r.row.get("total_seconds"), float):
-            ax.scatter(r.row["total_seconds"], r.row["best"], s=50)
-            ax.annotate(_label(r), (r.row["total_seconds"], r.row["best"]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
-    ax.set(xlabel="total time (s)", ylabel="best validation metric", title="Accuracy against training time")
-    ax.grid(alpha=0.3)
-    save(fig, "acc_vs_time.png")
-
-    varied = [r for r in with_metrics if _lr_columns(r) and _lrs_vary(r)]
-    if varied:
-        fig, axes = plt.subplots(len(varied), 1, figsize=(8, 3 * len(varied)), squeeze=False)
-        for ax, r in zip(axes[:, 0], varied):
-            cols = _lr_columns(r)
-            for i, col in enumerate(cols):
-                # a group's LR is drawn only in epochs where it trains (metrics.csv: trainable_groups)
-                ys = [m[col] if _trains(i, len(cols), m) else float("nan") for m in r.metrics]
-                ax.plot([m["epoch"] for m in r.metrics], ys, marker=".", label=col[3:])
-            ax.set(yscale="log", xlabel="epoch", ylabel="LR at epoch start (trained groups)", title=_label(r))
-            ax.legend(fontsize=7, ncol=3)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        save(fig, "lr_groups.png")
-    return written
-
-
-def _trains(index: int, n_groups: int, row: Dict[str, Any]) -> bool:
-    k = row.get("trainable_groups")
-    return not isinstance(k, float) or index >= n_groups - 1 - int(k)
-
-
-def _lr_columns(r: Run) -> List[str]:
-    return [k for k in r.metrics[0] if k.startswith("lr_")]
-
-
-def _lrs_vary(r: Run) -> bool:
-    """Progressive or discriminative runs: LRs differ between groups, or events happened."""
-    cols = _lr_columns(r)
-    differ = any(len({m[c] for c in cols}) > 1 for m in r.metrics)
-    events = any(m.get("events") not in (None, "") and not isinstance(m.get("events"), float) for m in r.metrics)
-    return differ or events or r.row["strategy"] in ("progressive", "ulmfit", "discriminative", "staged", "two_phase")
 
 
 def failed_or_unscored(r: Run) -> bool:
