@@ -116,8 +116,7 @@ def weights_choice(cfg: Config, env: Env) -> WeightsChoice:
     name = cfg.model.name
     if cfg.model.weights != "synthetic":
         return resolve_weights(name, cfg.model.weights)
-    size = cfg.data.image_size or preprocess_for(name, WeightsChoice("none"), None).crop_size
-    path = synthetic_weights(name, size, env.cache, env.device, env.precision, env.workers, env.progress)
+    path = synthetic_weights(name, env.cache, env.device, env.precision, env.workers, env.progress)
     return WeightsChoice("file", path=path, label="synthetic: pretrained on the source task")
 
 
@@ -126,11 +125,10 @@ def planned_weights(cfg: Config, env: Env) -> WeightsChoice:
     random init of the same architecture, labelled with what a run would do first."""
     name, spec = cfg.model.name, cfg.model.weights
     if spec == "synthetic":
-        size = cfg.data.image_size or preprocess_for(name, WeightsChoice("none"), None).crop_size
-        path = synthetic_weights_path(env.cache, name, size)
+        path = synthetic_weights_path(env.cache, name)
         if path.is_file():
             return WeightsChoice("file", path=path, label="synthetic: pretrained on the source task")
-        seconds = estimate_seconds(name, size, env.device, env.precision)
+        seconds = estimate_seconds(name, env.device, env.precision)
         return WeightsChoice("none", label=f"synthetic, not pretrained yet: a run pretrains them first, about "
                                            f"{seconds:.0f}s here, once (cached in {path.parent})")
     choice = resolve_weights(name, spec)

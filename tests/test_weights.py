@@ -169,7 +169,7 @@ def test_synthetic_pretraining_uses_the_precision_scaler_and_saves_its_head(tmp_
 
     calls = []
     pretrain = _small_pretraining(monkeypatch, calls)
-    path = pretrain.synthetic_weights("resnet18", 32, tmp_path, torch.device("cpu"), Fp16(), 0, False)
+    path = pretrain.synthetic_weights("resnet18", tmp_path, torch.device("cpu"), Fp16(), 0, False)
     assert calls == [scaler]
 
     saved = torch.load(path, weights_only=True)
@@ -187,8 +187,68 @@ def test_synthetic_pretraining_in_fp16_on_cuda_scales_the_loss(tmp_path, monkeyp
 
     calls = []
     pretrain = _small_pretraining(monkeypatch, calls)
-    path = pretrain.synthetic_weights("resnet18", 32, tmp_path, torch.device("cuda"), Precision(torch.float16), 0, False)
+    path = pretrain.synthetic_weights("resnet18", tmp_path, torch.device("cuda"), Precision(torch.float16), 0, False)
     assert len(calls) == 1 and isinstance(calls[0], torch.amp.GradScaler)
     assert calls[0]._scale is not None  # it scaled the loss (the scale is set up on first use)
     saved = torch.load(path, weights_only=True)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_synthetic_weights_are_pretrained_once_at_the_smallest_size_and_serve_every_size(tmp_path, monkeypatch):
+    from finetune_cli.train.engine import Precision
+
+    calls = []
+    pretrain = _small_pretraining(monkeypatch, calls)
+    path = pretrain.synthetic_weights("resnet18", tmp_path, torch.device("cpu"), Precision(None), 0, False)
+    assert "-32px-" in path.name and calls == [None]
+    again = pretrain.synthetic_weights("resnet18", tmp_path, torch.device("cpu"), Precision(None), 0, False)
+    assert again == path and len(calls) == 1  # cached: no second pretraining
+    saved = torch.load(path, weights_only=True)["model"]
+    for size in (32, 64):
+        built = create_model("resnet18", WeightsChoice("file", path=path), 4, image_size=size)
+        assert torch.equal(built.model.layer4[0].conv1.weight, saved["layer4.0.conv1.weight"])
+
+
+def test_smallest_sizes_follow_the_family_table():
+    from finetune_cli.models.pretrain import pretrain_size
+
+    assert pretrain_size("resnet18") == 32
+    assert pretrain_size("inception_v3") == 75
+    assert pretrain_size("maxvit_t") == 224
+    assert pretrain_size("vit_b_16") == 32
+    assert pretrain_size("vit_h_14") == 42  # a whole number of 14-px patches
+
+
+def test_vit_weights_saved_at_one_size_load_at_another(tmp_path):
+    small = create_model("vit_b_32", WeightsChoice("none"), 3, image_size=32).model
+    path = tmp_path / "vit.pt"
+    torch.save(small.state_dict(), path)
+    built = create_model("vit_b_32", WeightsChoice("file", path=path), 3, image_size=96)
+    assert built.model.encoder.pos_embedding.shape == (1, 1 + 3 * 3, 768)
+    assert torch.equal(built.model.encoder.layers[0].mlp[0].weight, small.encoder.layers[0].mlp[0].weight)
+    assert built.model(torch.zeros(1, 3, 96, 96)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mnasnet0_5"])
+def test_pretraining_lets_batchnorm_statistics_follow_a_short_run(name):
+    """These families ship BatchNorm momenta of 0.01 or 0.0003: after a few hundred steps from
+    random init their running statistics were still near init, and the source task's validation
+    accuracy sat at chance (6.2% of 16 classes) while training accuracy rose."""
+    from torchvision.models import get_model
+
+    from finetune_cli.models.pretrain import BN_MOMENTUM, _quicker_norm_statistics
+
+    model = get_model(name)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert min(m.momentum for m in norms) < BN_MOMENTUM
+    _quicker_norm_statistics(model)
+    assert min(m.momentum for m in norms) == BN_MOMENTUM
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_pretraining_learns_above_chance(tmp_path):
+    from finetune_cli.models.pretrain import SOURCE, synthetic_weights
+    from finetune_cli.train.engine import Precision
+
+    path = synthetic_weights("mobilenet_v3_small", tmp_path, torch.device("cpu"), Precision(None), 0, False)
+    assert torch.load(path, weights_only=True)["source_val_acc"] > 2 / SOURCE["classes"]

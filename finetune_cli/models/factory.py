@@ -154,6 +154,10 @@ def load_weights_file(
     head never loads into the model); None without one. ``template``: the architecture's own
     head, which the source head is built for (default: the model's current head)."""
     state, apart = read_weights(choice.path)
+    if family.input_size_kwarg and "encoder.pos_embedding" in state:  # a ViT saved at another size
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
     main = family.head + "."
     file_head = apart if apart is not None else state
     source_head = head_from_tensors(
@@ -204,6 +208,20 @@ def preprocess_for(name: str, choice: WeightsChoice, image_size: Optional[int]) 
     return Preprocess.from_weights(source).with_size(image_size)
 
 
+def _patch_size(name: str) -> int:
+    """A vision transformer's patch side, from its torchvision name (vit_b_16 -> 16)."""
+    return int(name.split("_")[-1])
+
+
+def smallest_input(name: str) -> int:
+    """The smallest image side ``name`` accepts (a whole number of patches for transformers)."""
+    family = check_model_name(name)
+    if not family.input_size_kwarg:
+        return family.min_input
+    patch = _patch_size(name)
+    return -(-family.min_input // patch) * patch
+
+
 def _resize_vit(model: nn.Module, name: str, image_size: int) -> nn.Module:
     """Rebuild a ViT for another input size, interpolating its positional embeddings."""
     from torchvision.models.vision_transformer import interpolate_embeddings
@@ -240,7 +258,7 @@ def create_model(
         if family.input_size_kwarg:
             kwargs["image_size"] = preprocess.crop_size
     if family.input_size_kwarg:
-        patch = int(name.split("_")[-1])
+        patch = _patch_size(name)
         if preprocess.crop_size % patch:
             raise FinetuneError(
                 f"{name} cuts images into {patch}-px patches, so data.image_size must be a "
