@@ -1,4 +1,5 @@
-"""Console output: the plan table, one line per epoch, the result table.
+"""Console output: the plan table, one line per epoch, the result table; and how every tool
+shows a metric to a person (``pct``, ``pp``, ``metric_text``).
 
 Everything goes through logging, so the run's log file holds the same text as the console.
 Tables are rendered by rich as plain text: readable in a terminal and in a batch job's log.
@@ -14,6 +15,50 @@ from rich.console import Console
 from rich.table import Table
 
 log = logging.getLogger("finetune_cli")
+
+
+# --- units ------------------------------------------------------------------------------------
+# What a person reads: accuracy (and any other 0-1 score) in percent with one decimal, the
+# difference between two accuracies in percentage points, a loss as a plain number. Files meant
+# for programs (summary.json, metrics.csv, report.csv, evaluation JSON) keep fractions.
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_accuracy(metric: str) -> bool:
+    """``val_acc``, ``train_acc``, ``accuracy``: a fraction, shown in percent. A loss is not."""
+    return str(metric).endswith(("acc", "accuracy"))
+
+
+def metric_scale(metric: str) -> float:
+    """The factor from the stored value to the shown one (plots): 100 for an accuracy, else 1."""
+    return 100.0 if is_accuracy(metric) else 1.0
+
+
+def pct(fraction: Any, width: int = 0) -> str:
+    """A 0-1 score in percent with one decimal: ``0.84`` -> ``84.0%``; ``-`` when missing.
+    ``width`` pads the number, so columns of log lines stay aligned."""
+    return f"{100 * fraction:{width}.1f}%" if _number(fraction) else "-"
+
+
+def pp(difference: Any, signed: bool = True) -> str:
+    """The difference between two 0-1 scores in percentage points: ``0.066`` -> ``+6.6 pp``
+    (``6.6 pp`` unsigned, for a threshold)."""
+    if not _number(difference):
+        return "-"
+    return f"{round(100 * difference, 1) + 0.0:{'+' if signed else ''}.1f} pp"
+
+
+def metric_text(metric: str, value: Any) -> str:
+    """A monitored metric by its name: ``val_acc`` 0.84 -> ``84.0%``, ``val_loss`` -> ``0.4090``."""
+    if not _number(value):
+        return "-"
+    return pct(value) if is_accuracy(metric) else f"{value:.4f}"
+
+
+# --- console -----------------------------------------------------------------------------------
 
 
 def interactive() -> bool:
@@ -51,8 +96,8 @@ def show_plan(title: str, rows: Sequence[Dict[str, Any]], trainable: int, total:
 
 def show_epoch(row: Dict[str, Any], epochs: int, best: bool) -> None:
     log.info(
-        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:5.1f}%"
-        f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:5.1f}%"
+        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {pct(row['train_acc'], 5)}"
+        f"  val loss {row['val_loss']:.4f} acc {pct(row['val_acc'], 5)}"
         f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s{'  *best' if best else ''}"
     )
 
@@ -79,7 +124,7 @@ def show_result(summary: Dict[str, Any]) -> None:
         ("strategy", summary["strategy"]),
         ("data", f"{summary['dataset']['name']}: {summary['dataset']['classes']} classes, "
                  f"{summary['dataset']['train_images']} train / {summary['dataset']['val_images']} val"),
-        (f"best {best['monitor']}", f"{best['value']:.4f} (epoch {best['epoch']})"),
+        (f"best {best['monitor']}", f"{metric_text(best['monitor'], best['value'])} (epoch {best['epoch']})"),
         ("epochs run", str(summary["epochs_run"])),
         ("time", f"{summary['total_seconds']:.1f}s in all: {summary['train_seconds']:.1f}s training "
                  f"({summary['train_images_per_s']:.0f} img/s), {summary['setup_seconds']:.1f}s setup"),

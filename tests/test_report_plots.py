@@ -99,7 +99,8 @@ def test_val_acc_plot_keys_runs_outside_the_axes_in_the_table_unit():
     ax = fig.axes[0]
     entries = [t.get_text() for t in ax.get_legend().get_texts()]
     assert entries == ["1: full lr=0.01", "2: full lr=0.1", "best epoch (by val_acc)"]
-    assert "fraction, 0 to 1" in ax.get_ylabel() and ax.get_xlabel() == "epoch"
+    assert ax.get_ylabel() == "validation accuracy (%)" and ax.get_xlabel() == "epoch"
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([40.0, 90.0])  # percent, as in the table
     assert _integer_ticks(ax)
     assert _legend_is_right_of_axes(fig, ax)
 
@@ -114,10 +115,13 @@ def test_acc_vs_time_numbers_the_points_and_names_the_time_it_plots():
     assert sorted(t.get_text() for t in ax.texts) == ["1", "2,3"]  # the same point: one note
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1: full lr=0.01", "2: full lr=0.1", "3: full lr=1.0"]
     assert _legend_is_right_of_axes(fig, ax)
+    assert ax.get_ylabel() == "best val_acc (%, higher is better)"
+    assert sorted(y for line in ax.get_lines() for y in line.get_ydata()) == pytest.approx([70.0, 70.0, 90.0])
 
     losses = [_run("a", {}, best=0.4, monitor="val_loss"), _run("b", {"x": "1"}, best=0.6, monitor="val_loss")]
     ax = time_figure(losses, [1, 2], run_labels(losses)).axes[0]
     assert ax.get_ylabel() == "best val_loss (lower is better)" and ax.get_title().startswith("Best val_loss")
+    assert sorted(y for line in ax.get_lines() for y in line.get_ydata()) == pytest.approx([0.4, 0.6])  # as stored
 
 
 def test_report_plots_a_progressive_run(finetune, tmp_path):

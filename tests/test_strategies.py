@@ -116,8 +116,8 @@ def test_staged_switches_stages_and_asks_for_the_stage_best():
     assert c.mask() == [False] * 4 + [True, True] and c.lr_mult == 1.0
     assert c.end_epoch(1, 0.7) == [KeepStageBest()]  # best of stage 1: keep its checkpoint
     events = c.end_epoch(2, 0.6)  # worse: patience 1 ends stage 1 early
-    assert events == [StageStopped(1, 1), RestoreStageBest(1, 0.7, 1), StageStarted(2, 2, "all groups", 0.1)]
-    assert words(events)[1] == "restored the best weights of stage 1 (val 0.7000, epoch 1)"
+    assert events == [StageStopped(1, 1), RestoreStageBest(1, 0.7, 1, "val_acc"), StageStarted(2, 2, "all groups", 0.1)]
+    assert words(events)[1] == "restored the best weights of stage 1 (val_acc 70.0%, epoch 1)"
     assert words(events)[2] == "stage 2/2: all groups, lr x0.1"
     assert c.mask() == [True] * 6 and c.lr_mult == 0.1
     assert c.stage_best_epoch is None and c.tracker.best_epoch == -1  # the new stage starts afresh

@@ -291,7 +291,7 @@ def test_sweep_ends_with_the_report_table_in_job_order(tmp_path, capsys):
     assert order == ["0", "1", "2", "10"]  # job order, not ranked by the best metric
     assert "optimizer.lr=0.01" in out and "data=synthetic" not in out  # only what differs between the jobs
     assert "failed: ValueError: lr too high" in out and "incomplete: no summary.json" in out
-    assert "0.900 (2)" in out and "10.0% -> 40.0%" in out
+    assert "90.0% (2)" in out and "10.0% -> 40.0%" in out
     assert "peak MB: peak RSS since the run started" in out
 
 

@@ -30,6 +30,7 @@ from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
 from finetune_cli.train.optim import Schedule, param_groups
 from finetune_cli.train.shutdown import GracefulStop, Interrupted
+from finetune_cli.ui import pct
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def synthetic_weights(
                 if stop.requested():
                     raise Interrupted(stop.signum, epoch, "synthetic pretraining epoch")
                 log.info(
-                    f"  source epoch {epoch:>2}/{EPOCHS}  train acc {100 * tr.acc:5.1f}%  "
-                    f"val acc {100 * va.acc:5.1f}%  {tr.seconds + va.seconds:.1f}s"
+                    f"  source epoch {epoch:>2}/{EPOCHS}  train acc {pct(tr.acc, 5)}  "
+                    f"val acc {pct(va.acc, 5)}  {tr.seconds + va.seconds:.1f}s"
                 )
     heads = head_prefixes(built.family)
     full = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -1,9 +1,9 @@
 """``finetune-cli-eval CHECKPOINT DIR``: evaluate a checkpoint on a labelled folder (DIR/<class>/*).
 
 Accuracy, top-5 accuracy (when there are more than 5 classes), per-class precision, recall and
-F1, and the confusion matrix (rows: true class, columns: predicted), printed and written to
-``metrics.json`` and ``confusion.png``. Class names come from the checkpoint; a class folder the
-model does not know is an error.
+F1, and the confusion matrix (rows: true class, columns: predicted), printed (scores in percent)
+and written to ``metrics.json`` (scores as fractions from 0 to 1) and ``confusion.png``. Class
+names come from the checkpoint; a class folder the model does not know is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
 from finetune_cli.train.engine import split_outputs
+from finetune_cli.ui import pct
 
 
 def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:
@@ -121,7 +122,7 @@ def confusion_figure(result: Dict[str, Any]):
     ax.set_yticks(range(n), classes, fontsize=tick_size)
     ax.set_xlabel("predicted", fontsize=11)
     ax.set_ylabel("true", fontsize=11)
-    ax.set_title(f"Confusion matrix (accuracy {result['accuracy']:.3f})", fontsize=12)
+    ax.set_title(f"Confusion matrix (accuracy {pct(result['accuracy'])})", fontsize=12)
     if n <= 30:
         share = n > SHARE_ABOVE
         cell_size = max(7.0, min(16.0, 16 - 0.5 * n if share else 18 - n))  # cells are about 0.6 inch
@@ -150,15 +151,15 @@ def confusion_png(result: Dict[str, Any], path: Path) -> None:
 
 
 def show(result: Dict[str, Any], console: Console) -> None:
-    head = f"accuracy {result['accuracy']:.4f} on {result['images']} images"
+    head = f"accuracy {pct(result['accuracy'])} on {result['images']} images"
     if result["top5_accuracy"] is not None:
-        head += f", top-5 {result['top5_accuracy']:.4f}"
-    console.print(head + f", macro F1 {result['macro_f1']:.4f}")
+        head += f", top-5 {pct(result['top5_accuracy'])}"
+    console.print(head + f", macro F1 {pct(result['macro_f1'])}")
     table = Table(title="Per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c, m in result["per_class"].items():
-        table.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(c, pct(m["precision"]), pct(m["recall"]), pct(m["f1"]), str(m["support"]))
     console.print(table)
     if len(result["classes"]) <= 12:
         cm = Table(title="Confusion matrix (rows: true class, columns: predicted, by number)", title_justify="left")

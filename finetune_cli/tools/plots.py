@@ -2,8 +2,8 @@
 runs whose layer groups train at different times or LRs, ``lr_groups.png``.
 
 Each run is named by its number in the report's table (``#``) and by what differs between the
-runs shown: its strategy and the overrides whose values vary. Accuracy is a fraction from 0 to 1,
-as in the table. Legends and keys sit outside the axes; epochs are whole numbers.
+runs shown: its strategy and the overrides whose values vary. Accuracy is in percent, as in the
+table. Legends and keys sit outside the axes; epochs are whole numbers.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 from finetune_cli.io_utils import atomic_write_bytes
 from finetune_cli.tools.evaluate import text_colour
 from finetune_cli.tools.table import SHOWN_APART, Run
+from finetune_cli.ui import is_accuracy, metric_scale
 
 STAGED = ("progressive", "ulmfit", "discriminative", "staged", "two_phase")
-ACC_UNIT = "fraction, 0 to 1"  # as the report's table prints accuracy
+ACC_UNIT = "%"  # as the report's table prints accuracy
 CELL_TEXT_UP_TO = 12  # epochs; with more, the LR of each cell is read from the colour bar only
 MARKERS = "osD^vP"
 KEY_TITLE = "# (as in the table): run"
@@ -135,7 +136,8 @@ def val_acc_figure(runs: Sequence[Run], numbers: Sequence[int], labels: Sequence
     fig, ax = _figure(len(shown) + 1)
     for r, n, label in shown:
         style = _style(n - 1)
-        epochs, accs = [m["epoch"] for m in r.metrics], [m["val_acc"] for m in r.metrics]
+        epochs = [m["epoch"] for m in r.metrics]
+        accs = [metric_scale("val_acc") * m["val_acc"] if _number(m["val_acc"]) else math.nan for m in r.metrics]
         ax.plot(epochs, accs, label=f"{n}: {label}", markersize=7, markerfacecolor="none", markeredgewidth=1.5,
                 linewidth=1.8, **style)
         if r.row.get("best_epoch") in epochs:
@@ -162,18 +164,20 @@ def _number(value: Any) -> bool:
 
 def time_points(runs: Sequence[Run]) -> Tuple[str, List[Tuple[int, float, float]]]:
     """``(what y is, [(index in runs, total seconds, y)])``: y is each run's best monitored value
-    where the runs share a monitor, else its best validation accuracy over the epochs."""
+    where the runs share a monitor, else its best validation accuracy over the epochs; an
+    accuracy in percent."""
     timed = [(i, r) for i, r in enumerate(runs) if _number(r.row.get("total_seconds"))]
     monitors = {r.row.get("monitor") for _, r in timed if _number(r.row.get("best"))}
     if len(monitors) == 1:
         (monitor,) = monitors
-        what = f"best {monitor} " + (f"({ACC_UNIT}, higher is better)" if monitor == "val_acc" else "(lower is better)")
-        return what, [(i, r.row["total_seconds"], r.row["best"]) for i, r in timed if _number(r.row.get("best"))]
+        what = f"best {monitor} " + (f"({ACC_UNIT}, higher is better)" if is_accuracy(monitor) else "(lower is better)")
+        scale = metric_scale(monitor)
+        return what, [(i, r.row["total_seconds"], scale * r.row["best"]) for i, r in timed if _number(r.row.get("best"))]
     points = []
     for i, r in timed:
         accs = [m["val_acc"] for m in r.metrics if _number(m.get("val_acc"))]
         if accs:
-            points.append((i, r.row["total_seconds"], max(accs)))
+            points.append((i, r.row["total_seconds"], metric_scale("val_acc") * max(accs)))
     return f"best val_acc over the epochs ({ACC_UNIT})", points
 
 

@@ -15,7 +15,7 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes
@@ -30,6 +30,7 @@ from finetune_cli.tools.table import (
     render_table,
     wide_console,
 )
+from finetune_cli.ui import metric_text, pct, pp
 
 COLUMNS = [
     "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
@@ -66,14 +67,24 @@ def _sort(runs: List[Run], key: str) -> List[Run]:
     return sorted(runs, key=value)
 
 
-def _fmt(value: Any, kind: str = "") -> str:
+def _fmt(value: Any) -> str:
     if value is None or value == "":
         return "-"
-    if kind == "pct":
-        return f"{100 * value:.1f}"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+def _cell(row: Dict[str, Any], key: str) -> str:
+    """A report.md cell: accuracy in percent, the train - val gap in percentage points, the best
+    value by its monitor; report.csv keeps the fractions."""
+    if key == "best":
+        return metric_text(row.get("monitor") or "val_acc", row.get(key))
+    if key == "final_train_acc":
+        return pct(row.get(key))
+    if key == "train_val_gap":
+        return pp(row.get(key))
+    return _fmt(row.get(key))
 
 
 def write_tables(runs: List[Run], out: Path) -> None:
@@ -89,7 +100,7 @@ def write_tables(runs: List[Run], out: Path) -> None:
     kinds = memory_kinds(runs)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in runs:
-        cells = {k: _fmt(r.row.get(k)) for k in shown}
+        cells = {k: _cell(r.row, k) for k in shown}
         if r.row["peak_memory_mb"] is not None:
             cells["peak_memory_mb"] += memory_mark(r, kinds)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells.values()) + " |")

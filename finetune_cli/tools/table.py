@@ -15,6 +15,8 @@ from omegaconf import ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from finetune_cli.ui import metric_text, pct, pp
+
 
 @dataclass
 class Run:
@@ -139,10 +141,8 @@ def read_runs(paths: Sequence[Path], root: Path) -> List[Run]:
     return runs
 
 
-def _num(value: Any, digits: int, signed: bool = False) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return f"{value:+.{digits}f}" if signed else f"{value:,.{digits}f}"
+def _num(value: Any, digits: int) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
 def memory_kinds(runs: Sequence[Run]) -> List[str]:
@@ -172,23 +172,24 @@ def _trainable(row: Dict[str, Any]) -> str:
 
 def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -> Table:
     """The runs as given, numbered 1, 2, ... as ranked, or by ``job_numbers`` (a sweep's jobs)."""
-    monitor = next((r.row["monitor"] for r in runs if r.row["monitor"]), "val_acc")
+    monitors = list(dict.fromkeys(r.row["monitor"] for r in runs if r.row["monitor"])) or ["val_acc"]
     order = "Runs ranked" if job_numbers is None else "Jobs"
     kinds = memory_kinds(runs)
-    table = Table(title=f"{order}; best = best {monitor} (epoch)", title_justify="left",
+    table = Table(title=f"{order}; best = best {' or '.join(monitors)} (epoch)", title_justify="left",
                   caption=memory_footnote(kinds) or None, caption_justify="left")
     for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best", "train acc",
                 "gap", "epochs", "time s", "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
         table.add_column(col, no_wrap=col not in ("overrides", "status"))
     for i, r in enumerate(runs):
         row = r.row
-        best = f"{row['best']:.3f} ({row['best_epoch']})" if isinstance(row["best"], float) else "-"
+        best = metric_text(row["monitor"] or monitors[0], row["best"])
+        best += f" ({row['best_epoch']})" if best != "-" else ""
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
         peak = _num(row["peak_memory_mb"], 0)
         table.add_row(
             str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
-            row["overrides"] or "-", status, best, _num(row["final_train_acc"], 3),
-            _num(row["train_val_gap"], 3, signed=True), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
+            row["overrides"] or "-", status, best, pct(row["final_train_acc"]),
+            pp(row["train_val_gap"]), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
             _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0), _trainable(row),
             peak + (memory_mark(r, kinds) if peak != "-" else ""), _num(row["grad_optimizer_mb"], 1),
         )

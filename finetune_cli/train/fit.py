@@ -151,8 +151,9 @@ def stop_reason(parts: Parts) -> Optional[str]:
     """Why the run stops before its last epoch, or None."""
     tracker = parts.state.tracker
     if tracker.should_stop:
-        return (f"early stopping: {parts.settings.monitor.value} did not improve by more than {tracker.min_delta} "
-                f"for {tracker.patience} epochs")
+        monitor, delta = parts.settings.monitor.value, tracker.min_delta
+        by = f"{ui.pp(delta, signed=False)} (trainer.min_delta={delta:g})" if ui.is_accuracy(monitor) else f"{delta:g}"
+        return f"early stopping: {monitor} did not improve by more than {by} for {tracker.patience} epochs"
     if parts.controller.finished:
         return "the strategy's last stage stopped early"
     return None

@@ -15,6 +15,7 @@ from finetune_cli.models.groups import LayerGroup
 from finetune_cli.train.callbacks import MetricTracker
 from finetune_cli.train.freezing import apply_freezing, mask_for
 from finetune_cli.train.recipe import Recipe, resolve
+from finetune_cli.ui import metric_text
 
 # --- events ----------------------------------------------------------------------------------
 
@@ -56,9 +57,11 @@ class RestoreStageBest(Event):
     stage: int
     value: float
     epoch: int  # the epoch whose weights are restored
+    monitor: str  # what value is: val_acc or val_loss
 
     def __str__(self) -> str:
-        return f"restored the best weights of stage {self.stage} (val {self.value:.4f}, epoch {self.epoch})"
+        return (f"restored the best weights of stage {self.stage} "
+                f"({self.monitor} {metric_text(self.monitor, self.value)}, epoch {self.epoch})")
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ class Controller:
         if stalled:
             events.append(StageStopped(self.stage + 1, self.tracker.bad_epochs))
         if self.stage_best_epoch is not None:
-            events.append(RestoreStageBest(self.stage + 1, self.tracker.best, self.stage_best_epoch))
+            events.append(RestoreStageBest(self.stage + 1, self.tracker.best, self.stage_best_epoch,
+                                           Monitor(self.monitor).value))
         self.stage += 1
         self.stage_start = epoch + 1
         self.stage_best_epoch = None
