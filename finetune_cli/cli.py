@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import logging
 import shlex
 import sys
@@ -41,6 +42,16 @@ def unique_dir(path: str) -> str:
             candidate = base.with_name(f"{base.name}-{n}")
 
 
+def path_safe(name: str, limit: int = 120) -> str:
+    """``name`` as one folder name: slashes in override values (``data.root=/data/x``) would
+    nest folders, and a long sweep's overrides would pass the file system's 255-byte limit."""
+    safe = name.replace("/", "_").replace("\\", "_")
+    if len(safe.encode()) <= limit:
+        return safe
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return safe.encode()[: limit - 9].decode(errors="ignore") + "-" + digest
+
+
 class RunHooks(Callback):
     """Checks the config before any folder exists; lists a sweep's results at its end."""
 
@@ -55,10 +66,51 @@ class RunHooks(Callback):
             print(str(exc), file=sys.stderr)
             raise SystemExit(1) from None
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep's jobs are checked before the first one starts: no job folder is made for a
+        sweep that would fail on its settings (only Hydra's basic sweeper lists its jobs ahead)."""
+        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            return
+        problems = sweep_problems(list(config.hydra.overrides.task), config.hydra.sweeper.get("params") or {},
+                                  config.hydra.job.config_name)
+        if problems:
+            print(problems, file=sys.stderr)
+            raise SystemExit(1)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from finetune_cli.tools.sweep import show_sweep
 
         show_sweep(Path(config.hydra.sweep.dir))
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> Optional[str]:
+    """What is wrong with any job of a basic sweep, each distinct problem once with the jobs
+    it affects; None when every job's settings pass the checks."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from finetune_cli.checks import check, typed_config
+
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+    jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    found: dict = {}
+    for number, job in enumerate(jobs):
+        try:
+            check(typed_config(compose(config_name=config_name, overrides=job)))
+        except FinetuneError as exc:
+            found.setdefault(str(exc), []).append(f"#{number} ({' '.join(job) or 'no overrides'})")
+    if not found:
+        return None
+    lines = [f"The sweep was not started: {sum(map(len, found.values()))} of its {len(jobs)} jobs have "
+             "settings that cannot run. No job folder was made. Fix these and launch it again:"]
+    for message, which in found.items():
+        shown = ", ".join(which[:3]) + (f" and {len(which) - 3} more" if len(which) > 3 else "")
+        lines.append(f"- {'all jobs' if len(which) == len(jobs) else shown}: {message}")
+    return "\n".join(lines)
 
 
 def _without_hydra(config: DictConfig) -> DictConfig:
@@ -69,6 +121,7 @@ def _without_hydra(config: DictConfig) -> DictConfig:
 
 
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 register_configs()
 
 
@@ -146,4 +199,4 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     return best["value"] if best else None
 
 
-__all__ = ["main", "hydra_main", "RunHooks", "unique_dir"]
+__all__ = ["main", "hydra_main", "RunHooks", "unique_dir", "path_safe"]

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from finetune_cli.cli import path_safe
+
 from helpers import REPO, cli, make_image_folder, run_dirs
 
 
@@ -97,6 +99,38 @@ def test_strategy_sweep_lands_in_multirun_folders(tmp_path):
     assert pct[0] < pct[1] < pct[2] == 100.0
     assert all((r / "checkpoints" / "last.pt").is_file() for r in runs)
     assert "Sweep:" in proc.stdout  # the closing table of the sweep
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["data.root=does/not/exist"], "all jobs: Invalid configuration: data.root=does/not/exist does not exist"),
+        (["debug=tiny", "trainer.epochs=0,1"], "2 of its 4 jobs have settings that cannot run"),
+    ],
+)
+def test_a_sweep_with_jobs_that_cannot_run_stops_before_any_folder(tmp_path, args, needle):
+    proc = cli(["-m", "strategy=linear_probe,full", *args], tmp_path)
+    assert proc.returncode == 1
+    assert "The sweep was not started" in proc.stderr and needle in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_sweep_job_folders_stay_flat_when_values_hold_slashes(tmp_path):
+    make_image_folder(tmp_path / "data" / "pets")
+    proc = cli(["-m", "debug=tiny", "data.source=imagefolder", f"data.root={tmp_path / 'data' / 'pets'}",
+                "strategy=linear_probe", "hydra.sweep.dir=sweep"], tmp_path)
+    _ok(proc)
+    (job,) = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    assert job.name.startswith("0_data.root=_") and "data_pets" in job.name
+    assert (job / ".hydra").is_dir() and (job / "summary.json").is_file()
+
+
+def test_folder_names_are_path_safe_and_short():
+    assert path_safe("data.root=/a/b,strategy=full") == "data.root=_a_b,strategy=full"
+    long = ",".join(f"optimizer.lr{i}=0.00{i}" for i in range(30))
+    short = path_safe(long)
+    assert len(short.encode()) <= 120 and short != path_safe(long + "x")
 
 
 @pytest.mark.parametrize(
