@@ -58,10 +58,10 @@ class RunHooks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns exceptions raised in callbacks into warnings, so exit here directly.
         # (A sweep is checked job by job instead: its base config lacks the swept values.)
-        from finetune_cli.checks import check, typed_config
+        from finetune_cli.checks import typed_config
 
         try:
-            check(typed_config(_without_hydra(config)))
+            ready_to_run(typed_config(_without_hydra(config)))
         except FinetuneError as exc:
             print(str(exc), file=sys.stderr)
             raise SystemExit(1) from None
@@ -83,30 +83,42 @@ class RunHooks(Callback):
         show_sweep(Path(config.hydra.sweep.dir))
 
 
+def ready_to_run(cfg: Config) -> None:
+    """What can fail before a run folder exists, done before it is made: the settings' checks,
+    and the download of pretrained weights (never for a plan or a preview, which download nothing)."""
+    from finetune_cli import ui
+    from finetune_cli.checks import check
+    from finetune_cli.models.weights import fetch_ahead
+
+    check(cfg)
+    if not cfg.plan and cfg.preview.value == "off":
+        fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())
+
+
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> Optional[str]:
-    """What is wrong with any job of a basic sweep, each distinct problem once with the jobs
-    it affects; None when every job's settings pass the checks."""
+    """What stops any job of a basic sweep (its settings, or weights that fail to download),
+    each distinct problem once with the jobs it affects; None when every job can start."""
     from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from finetune_cli.checks import check, typed_config
+    from finetune_cli.checks import typed_config
 
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     jobs = BasicSweeper.split_arguments(parsed, None)[0]
     found: dict = {}
     for number, job in enumerate(jobs):
         try:
-            check(typed_config(compose(config_name=config_name, overrides=job)))
+            ready_to_run(typed_config(compose(config_name=config_name, overrides=job)))
         except FinetuneError as exc:
             found.setdefault(str(exc), []).append(f"#{number} ({' '.join(job) or 'no overrides'})")
     if not found:
         return None
-    lines = [f"The sweep was not started: {sum(map(len, found.values()))} of its {len(jobs)} jobs have "
-             "settings that cannot run. No job folder was made. Fix these and launch it again:"]
+    lines = [f"The sweep was not started: {sum(map(len, found.values()))} of its {len(jobs)} jobs cannot "
+             "run. No job folder was made. Fix these and launch it again:"]
     for message, which in found.items():
         shown = ", ".join(which[:3]) + (f" and {len(which) - 3} more" if len(which) > 3 else "")
         lines.append(f"- {'all jobs' if len(which) == len(jobs) else shown}: {message}")

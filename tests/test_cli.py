@@ -105,7 +105,7 @@ def test_strategy_sweep_lands_in_multirun_folders(tmp_path):
     "args, needle",
     [
         (["data.root=does/not/exist"], "all jobs: Invalid configuration: data.root=does/not/exist does not exist"),
-        (["debug=tiny", "trainer.epochs=0,1"], "2 of its 4 jobs have settings that cannot run"),
+        (["debug=tiny", "trainer.epochs=0,1"], "2 of its 4 jobs cannot run"),
     ],
 )
 def test_a_sweep_with_jobs_that_cannot_run_stops_before_any_folder(tmp_path, args, needle):
@@ -215,8 +215,17 @@ def test_failed_download_names_the_remedies(tmp_path):
     for remedy in ("model.weights=/path/to/weights.pth", "model.weights=null", str(tmp_path / "torch")):
         assert remedy in out
     assert "Traceback" not in out
-    (run,) = run_dirs(tmp_path / "outputs")
-    assert _summary(run)["status"] == "failed" and not (run / "checkpoints").exists()
+    assert not (tmp_path / "outputs").exists()  # the download comes before the run folder
+
+
+def test_a_sweep_whose_weights_fail_to_download_makes_no_folder(tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    proc = cli(["-m", "debug=tiny", "model.weights=DEFAULT", "strategy=linear_probe,full"], tmp_path, env=env)
+    assert proc.returncode == 1
+    assert "all jobs: Could not download pretrained weights ResNet18_Weights" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_plan_mode_and_unique_folders(tmp_path):

@@ -92,6 +92,16 @@ def ensure_downloaded(weights: Any, progress: bool) -> None:
         ) from None
 
 
+def fetch_ahead(model_name: str, spec: Optional[str], progress: bool) -> None:
+    """Download a run's torchvision weights before its folder is made, so that a failed download
+    leaves no run folder behind. Other weights (files, synthetic, none) need nothing here."""
+    if spec is None or spec == "synthetic":
+        return
+    choice = resolve_weights(model_name, spec)
+    if choice.kind == "torchvision":
+        ensure_downloaded(choice.torchvision, progress=progress)
+
+
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """A state dict from a plain state-dict file, a finetune-cli checkpoint or safetensors.
 
