@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from finetune_cli import build as build_module
-from finetune_cli.ui import trainable_text
+from finetune_cli.ui import share, trainable_text
 
 
 def _refuse(what):
@@ -43,3 +43,10 @@ def test_result_box_gives_the_trainable_count_at_the_end_and_its_range():
     summary = {"total_params": 1000, "trainable_params": 10, "trainable_params_final": 1000}
     assert trainable_text(summary) == "1,000 / 1,000 (100.0%) at the end; 1.0% -> 100.0% during the run"
     assert trainable_text({**summary, "trainable_params_final": 10}) == "10 / 1,000 (1.0%) at the end"
+
+
+def test_a_small_trainable_share_is_not_shown_as_zero():
+    """A linear probe of resnet18 trains 5,130 of 11,181,642 parameters: 0.046%, not "0.0%"."""
+    summary = {"total_params": 11_181_642, "trainable_params": 5_130}
+    assert trainable_text(summary) == "5,130 / 11,181,642 (0.046%) at the end"
+    assert share(0, 10) == "0.0%" and share(5, 10) == "50.0%" and share(1, 100) == "1.0%"

@@ -15,7 +15,7 @@ from omegaconf import ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.ui import metric_text, pct, pp
+from finetune_cli.ui import metric_text, pct, pp, share
 
 
 @dataclass
@@ -167,7 +167,8 @@ def _trainable(row: Dict[str, Any]) -> str:
     end, start = row["trainable_pct"], row["initial_trainable_pct"]
     if end is None:
         return "-"
-    return f"{end:.1f}%" if start is None or f"{start:.1f}" == f"{end:.1f}" else f"{start:.1f}% -> {end:.1f}%"
+    end_text = share(end, 100)
+    return end_text if start is None or share(start, 100) == end_text else f"{share(start, 100)} -> {end_text}"
 
 
 def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -> Table:
