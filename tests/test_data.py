@@ -117,3 +117,60 @@ def test_large_jpegs_decode_at_reduced_scale_with_the_same_result(tmp_path):
     tf = eval_transform(pre)
     diff = (tf(full) - tf(reduced)).abs()
     assert diff.mean() < 0.02 and diff.max() < 0.2  # normalized units: the same picture at 64 px
+
+
+def _linked_folder(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("ants", "bees"), per_class=3)
+    return root, root / "train"
+
+
+@pytest.mark.parametrize(
+    "link, target, why",
+    [
+        ("ants/loop", "..", "a loop back into folders already read"),
+        ("ants/self", ".", "a loop back into folders already read"),
+        ("ants/more", "../bees", "outside its class folder"),
+        ("ants/elsewhere", "OUTSIDE", "outside its class folder"),
+        ("ants/bee.png", "../bees/0.png", "a file of another class"),
+    ],
+)
+def test_links_that_would_relabel_images_are_refused(tmp_path, link, target, why):
+    """A link train/ants/loop -> .. once made a 6-image set train on hundreds of copies, bee
+    photos labelled "ants", while the data check, which did not follow links, counted 6."""
+    root, train = _linked_folder(tmp_path)
+    outside = make_image_folder(tmp_path / "outside", classes=("x",), per_class=2, val=False) / "train" / "x"
+    (train / link).symlink_to(outside if target == "OUTSIDE" else target)
+    with pytest.raises(FinetuneError) as info:
+        image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
+    message = str(info.value)
+    assert str(train / link) in message and why in message and "class 'ants'" in message
+
+
+def test_the_check_and_the_dataset_list_the_same_files_through_allowed_links(tmp_path):
+    from finetune_cli.data.folders import class_files
+
+    root, train = _linked_folder(tmp_path)
+    pool = make_image_folder(tmp_path / "pool", classes=("wasps",), per_class=4, val=False) / "train" / "wasps"
+    (train / "wasps").symlink_to(pool)  # a class folder kept elsewhere
+    (root / "val" / "wasps").symlink_to(pool)
+    (train / "ants" / "sub").mkdir()
+    (train / "ants" / "sub" / "again.png").symlink_to(train / "ants" / "0.png")  # a file link inside its class
+    shared = make_image_folder(tmp_path / "shared", classes=("any",), per_class=2, val=False) / "train" / "any"
+    (train / "bees" / "pooled.png").symlink_to(shared / "1.png")  # a file from a pool outside the root
+    listed = class_files(train)
+    splits = image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
+    assert splits.classes == ["ants", "bees", "wasps"]
+    assert [path for path, _ in splits.train.samples] == [f for c in splits.classes for f in listed[c]]
+    assert len(listed["ants"]) == 4 and len(listed["bees"]) == 4 and len(listed["wasps"]) == 4
+
+
+def test_a_bad_image_behind_a_linked_class_folder_is_caught_by_the_check(tmp_path, finetune):
+    root, train = _linked_folder(tmp_path)
+    pool = make_image_folder(tmp_path / "pool", classes=("wasps",), per_class=3, val=False) / "train" / "wasps"
+    broken = pool / "2.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    (train / "wasps").symlink_to(pool)
+    (root / "val" / "wasps").symlink_to(pool)
+    with pytest.raises(FinetuneError) as info:
+        finetune("debug=tiny", "data=imagefolder", f"data.root={root}")
+    assert "wasps/2.png" in str(info.value)

@@ -7,7 +7,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,17 +60,68 @@ class Splits:
         return len(self.train) / max(1, len(self.classes))
 
 
-def class_files(root: Path) -> dict:
-    """``{class: [image paths]}`` for ``root/<class>/*`` (searched recursively, as ImageFolder does)."""
+def class_files(root: Path) -> Dict[str, List[str]]:
+    """``{class: [image paths]}`` for ``root/<class>/*``, searched recursively and following
+    symbolic links. The data check and the datasets both read this listing, so they see the very
+    same files. A link that would make a class hold what is not its own is refused: a folder
+    link leading out of its class folder (a loop such as ``loop -> ..``, another class, a place
+    outside), and a file link into another class's folder (one image, two labels)."""
     root = Path(root)
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise FinetuneError(
             f"{root} has no class folders: put each class's images in its own sub-folder, {root}/<class>/*."
         )
-    return {
-        c: sorted(str(p) for p in (root / c).rglob("*") if p.is_file() and is_image(str(p))) for c in classes
-    }
+    homes = {c: os.path.realpath(root / c) for c in classes}
+    return {c: _listed(root / c, c, homes[c], [h for other, h in homes.items() if other != c]) for c in classes}
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_error(link: str, target: str, cls: str, why: str) -> FinetuneError:
+    return FinetuneError(
+        f"{link} is a symbolic link to {target}, {why}: following it would count those images as "
+        f"class '{cls}'. Remove the link, or copy the images it should add into the class folder."
+    )
+
+
+def _listed(folder: Path, cls: str, home: str, other_homes: List[str]) -> List[str]:
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if not _inside(real, home) or real in seen:
+            why = "a loop back into folders already read" if real in seen or _inside(home, real) else \
+                "outside its class folder"
+            raise _link_error(dirpath, real, cls, why)
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if not is_image(path) or not os.path.isfile(path):
+                continue
+            target = os.path.realpath(path)
+            if any(_inside(target, other) for other in other_homes):
+                raise _link_error(path, target, cls, "a file of another class")
+            found.append(path)
+    return sorted(found)
+
+
+class ListedImageFolder(ImageFolder):
+    """An ImageFolder over the files ``class_files`` listed (ImageFolder's own walk would follow
+    links that the listing refuses)."""
+
+    def __init__(self, root: Path, files: Dict[str, List[str]], transform: Callable, loader: Callable):
+        self._files = files
+        super().__init__(str(root), transform=transform, loader=loader)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        classes = list(self._files)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: Dict[str, int], *args: Any, **kwargs: Any) -> list:
+        return [(path, class_to_idx[c]) for c in class_to_idx for path in self._files[c]]
 
 
 def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset(),
@@ -85,15 +136,9 @@ def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset
             f"Empty class folder(s) in {root}{skipped}: {', '.join(str(Path(root) / c) for c in empty)}. Add images "
             f"({', '.join(EXTENSIONS)}) or remove the folder(s)."
         )
-    try:
-        loader = functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
-        return ImageFolder(str(root), transform=transform, loader=loader,
-                           is_valid_file=lambda p: is_image(p) and p not in exclude)
-    except FileNotFoundError as exc:
-        raise FinetuneError(
-            f"No images found under {root}: {exc}. Expected one sub-folder per class holding "
-            f"image files ({', '.join(EXTENSIONS)})."
-        ) from None
+    loader = functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
+    kept = {c: [f for f in fs if f not in exclude] for c, fs in files.items()}
+    return ListedImageFolder(root, kept, transform, loader)
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list, list]:
