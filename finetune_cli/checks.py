@@ -6,6 +6,8 @@ They run before the run folder is created; every problem found is reported at on
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import typing
 from pathlib import Path
 from typing import Any, List
@@ -52,7 +54,63 @@ def typed_config(cfg: DictConfig) -> Config:
 def problems(cfg: Config) -> List[str]:
     """Every problem found in the config, each a sentence naming the key and the remedy."""
     return (_setup_problems(cfg) + _data_problems(cfg) + _augment_problems(cfg) + _training_problems(cfg)
-            + patience_problems(cfg))
+            + patience_problems(cfg) + range_problems(cfg))
+
+
+INF = math.inf
+# (key, low, high, bounds, meaning): the values each number may take; "[)" is low <= v < high.
+RANGES = [
+    ("model.head_hidden", 1, INF, "[)", "the hidden layer's width"),
+    ("model.aux_weight", 0, INF, "[)", "the weight of each auxiliary loss"),
+    ("strategy.train_groups", 0, INF, "[)", "layer groups below the head that train"),
+    ("strategy.lr_decay", 1, INF, "[)", "the LR divisor from one group to the next one down (1: equal LRs)"),
+    ("strategy.auto_lr_decay", 1, INF, "[)", "the LR divisor from one group to the next one down"),
+    ("strategy.every", 1, INF, "[)", "epochs between unfreezes"),
+    ("strategy.until", -1, INF, "[)", "groups below the head that end up training; -1 = all"),
+    ("optimizer.weight_decay", 0, INF, "[)", "the decoupled weight decay"),
+    ("optimizer.momentum", 0, 1, "[)", "SGD momentum"),
+    ("optimizer.betas", 0, 1, "[)", "Adam's moving-average factors"),
+    ("schedule.warmup_epochs", 0, INF, "[)", "epochs of linear warm-up"),
+    ("schedule.warmup_start_factor", 0, 1, "(]", "the warm-up's first LR as a fraction of the LR"),
+    ("schedule.min_lr_ratio", 0, 1, "[]", "the cosine floor as a fraction of the LR"),
+    ("schedule.step_epochs", 1, INF, "[)", "epochs between step decays"),
+    ("schedule.gamma", 0, 1, "(]", "the LR decay factor"),
+    ("schedule.restart_epochs", 1, INF, "[)", "the first cosine cycle's epochs"),
+    ("schedule.restart_mult", 1, INF, "[)", "the cycle length multiplier"),
+    ("schedule.pct_start", 0, 1, "()", "the share of steps spent rising"),
+    ("schedule.plateau_patience", 0, INF, "[)", "epochs without improvement before the LR drops"),
+    ("schedule.cut_frac", 0, 1, "()", "the share of steps spent rising"),
+    ("schedule.ratio", 1, INF, "[)", "how much smaller the lowest LR is than the peak"),
+    ("trainer.grad_clip", 0, INF, "()", "the largest gradient norm; null = no clipping"),
+    ("trainer.min_delta", 0, INF, "[)", "the smallest change that counts as an improvement"),
+    ("trainer.save_every", 0, INF, "[)", "epochs between kept checkpoints; 0 = last and best only"),
+]
+
+
+def _in_range(value: Any, low: float, high: float, bounds: str) -> bool:
+    """NaN is in no range, and infinity in none ("[0, inf)" excludes it too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    above = low < value if bounds[0] == "(" else low <= value
+    below = value < high if bounds[1] == ")" else value <= high
+    return above and below
+
+
+def range_problems(cfg: Config) -> List[str]:
+    """Numbers outside the values they may take (NaN and infinity included), each with its range."""
+    found = []
+    for key, low, high, bounds, meaning in RANGES:
+        value = operator.attrgetter(key)(cfg)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if key == "optimizer.betas" and len(values) != 2:
+            found.append(f"optimizer.betas needs two numbers, [beta1, beta2] (got {values}).")
+        elif not all(_in_range(v, low, high, bounds) for v in values):
+            shown = "inf" if high == INF else high
+            found.append(f"{key}={value if len(values) > 1 else values[0]} is out of range: {meaning} must be in "
+                         f"{bounds[0]}{low}, {shown}{bounds[1]}.")
+    return found
 
 
 def _setup_problems(cfg: Config) -> List[str]:
@@ -121,9 +179,9 @@ def _augment_problems(cfg: Config) -> List[str]:
     if not 0 <= aug.hue <= 0.5:
         found.append(f"augment.hue must be in [0, 0.5] (got {aug.hue}).")
     for key in ("rotation", "color_jitter", "mixup_alpha", "cutmix_alpha"):
-        if getattr(aug, key) < 0:
+        if not 0 <= getattr(aug, key) < math.inf:
             found.append(f"augment.{key} must be 0 or more (got {getattr(aug, key)}).")
-    if aug.blur_sigma < 0.1:
+    if not 0.1 <= aug.blur_sigma < math.inf:
         found.append(f"augment.blur_sigma must be at least 0.1 (got {aug.blur_sigma}).")
     return found
 
@@ -131,14 +189,14 @@ def _augment_problems(cfg: Config) -> List[str]:
 def _training_problems(cfg: Config) -> List[str]:
     found: List[str] = []
     positive = {"trainer.epochs": cfg.trainer.epochs, "optimizer.lr": cfg.optimizer.lr, "strategy.lr_scale": cfg.strategy.lr_scale}
-    found += [f"{k} must be greater than 0 (got {v})." for k, v in positive.items() if not v > 0]
+    found += [f"{k} must be greater than 0 (got {v})." for k, v in positive.items() if not 0 < v < math.inf]
     for key, value in (("trainer.label_smoothing", cfg.trainer.label_smoothing), ("model.head_dropout", cfg.model.head_dropout)):
         if not 0 <= value < 1:
             found.append(f"{key} must be in [0, 1) (got {value}).")
     st, reg = cfg.strategy, cfg.regularizer
     if st.auto_small > st.auto_large:
         found.append(f"strategy.auto_small ({st.auto_small}) must not exceed strategy.auto_large ({st.auto_large}).")
-    if st.rewarmup_epochs < 0:
+    if not 0 <= st.rewarmup_epochs < math.inf:
         found.append(f"strategy.rewarmup_epochs must be 0 or more (got {st.rewarmup_epochs}).")
     if st.freeze_groups < 0:
         found.append(f"strategy.freeze_groups must be 0 or more (got {st.freeze_groups}).")
@@ -148,7 +206,7 @@ def _training_problems(cfg: Config) -> List[str]:
             f"which needs pretrained weights with their classifier; model.weights={cfg.model.weights} is random init. "
             "Give pretrained weights (DEFAULT, a file, synthetic), or use regularizer=l2sp."
         )
-    if reg.strength < 0:
+    if not 0 <= reg.strength < math.inf:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
         found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")

@@ -110,3 +110,28 @@ def test_unique_dir_never_reuses_a_folder(tmp_path):
     assert len({first, second, third}) == 3
     assert all(Path(p).is_dir() for p in (first, second, third))
     assert Path(second).name == "10-00-00-2"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("trainer.grad_clip=-1", "trainer.grad_clip=-1.0 is out of range: the largest gradient norm"),
+        ("schedule.gamma=-1", "schedule.gamma=-1.0 is out of range"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1.0 is out of range"),
+        ("schedule.min_lr_ratio=5", "schedule.min_lr_ratio=5.0 is out of range: the cosine floor"),
+        ("augment.mixup_alpha=nan", "augment.mixup_alpha must be 0 or more"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas=[0.9, 1.5] is out of range"),
+        ("optimizer.betas=[0.9]", "optimizer.betas needs two numbers"),
+        ("schedule.pct_start=2", "schedule.pct_start=2.0 is out of range"),
+        ("schedule.restart_mult=0", "schedule.restart_mult=0 is out of range"),
+        ("model.head_hidden=0", "model.head_hidden=0 is out of range"),
+        ("optimizer.lr=inf", "optimizer.lr must be greater than 0"),
+        ("strategy.lr_decay=0.5", "strategy.lr_decay=0.5 is out of range"),
+        ("trainer.min_delta=nan", "trainer.min_delta=nan is out of range"),
+    ],
+)
+def test_nonsense_numbers_are_refused_naming_key_and_range(override, needle):
+    """Each of these once trained the wrong way and exited 0 (grad_clip=-1 took the loss from
+    22.9 to 182; gamma=-1 gave a negative LR)."""
+    found = "\n".join(problems(OmegaConf.to_object(_compose(["data=synthetic", override]))))
+    assert needle in found, found
