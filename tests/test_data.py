@@ -174,3 +174,18 @@ def test_a_bad_image_behind_a_linked_class_folder_is_caught_by_the_check(tmp_pat
     with pytest.raises(FinetuneError) as info:
         finetune("debug=tiny", "data=imagefolder", f"data.root={root}")
     assert "wasps/2.png" in str(info.value)
+
+
+def test_a_single_class_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("only",), per_class=4)
+    with pytest.raises(FinetuneError, match="one class folder \\(only\\): a classifier needs two classes or more"):
+        image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
+
+
+def test_a_class_with_one_image_and_no_val_folder_is_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "few", classes=("ants", "bees", "wasps"), per_class=5, val=False)
+    for extra in ("1.png", "2.png", "3.png", "4.png"):
+        (root / "train" / "wasps" / extra).unlink()
+    splits = image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
+    assert len(splits.val) == 2  # one of ants, one of bees, none of wasps
+    assert "1 of 3 classes have a single image" in caplog.text and ": wasps." in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune_cli.errors import FinetuneError
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
 
@@ -162,6 +165,19 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     return sorted(train), sorted(val)
 
 
+def _warn_unvalidated(classes: List[str], targets: Sequence[int], val_idx: Sequence[int]) -> None:
+    """A class with a single image keeps it for training: say that it goes unvalidated."""
+    in_val = {targets[i] for i in val_idx}
+    alone = [c for i, c in enumerate(classes) if i not in in_val]
+    if alone:
+        shown = ", ".join(alone[:10]) + (f" and {len(alone) - 10} more" if len(alone) > 10 else "")
+        log.warning(
+            f"{len(alone)} of {len(classes)} classes have a single image, kept for training, so the validation "
+            f"set has none of them and validation accuracy does not measure them: {shown}. Add images to "
+            "these classes, or a val/ folder."
+        )
+
+
 def split_dirs(root: Path) -> List[Path]:
     """The folders a run reads images from: train/ and, when present, val/."""
     return [d for d in (Path(root) / "train", Path(root) / "val") if d.is_dir()]
@@ -195,6 +211,12 @@ def image_folder_splits(
     train_side, val_side = decode_sides
     train_full = image_folder(train_dir, train_tf, exclude, train_side)
     classes = list(train_full.classes)
+    if len(classes) < 2:
+        raise FinetuneError(
+            f"{train_dir} has one class folder ({classes[0]}): a classifier needs two classes or more, "
+            "since with one every prediction is right (loss 0, accuracy 100%) and nothing is learned. "
+            f"Add a folder per class, {train_dir}/<class>/*."
+        )
     val_dir = root / "val"
     if val_dir.is_dir():
         val = image_folder(val_dir, val_tf, exclude, val_side)
@@ -210,6 +232,7 @@ def image_folder_splits(
     if not 0 < val_fraction < 1:
         raise FinetuneError(f"data.val_fraction must be between 0 and 1 (got {val_fraction}).")
     train_idx, val_idx = stratified_split(train_full.targets, val_fraction, seed)
+    _warn_unvalidated(classes, train_full.targets, val_idx)
     if not val_idx:
         raise FinetuneError(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
