@@ -61,7 +61,14 @@ class RunHooks(Callback):
         from finetune_cli.checks import typed_config
 
         try:
-            ready_to_run(typed_config(_without_hydra(config)))
+            cfg = typed_config(_without_hydra(config))
+            ready_to_run(cfg)
+            if cfg.trainer.resume and not cfg.plan:
+                from finetune_cli.train.checkpoint import settings_check
+
+                resolved = OmegaConf.to_container(_without_hydra(config), resolve=True, enum_to_str=True)
+                run_dir = Path(config.hydra.run.dir) if cfg.trainer.resume == "auto" else Path.cwd()
+                settings_check(cfg.trainer.resume, run_dir, resolved)
         except FinetuneError as exc:
             print(str(exc), file=sys.stderr)
             raise SystemExit(1) from None

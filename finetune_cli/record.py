@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune_cli import ui
+from finetune_cli.errors import Refused
 from finetune_cli.io_utils import atomic_copy, atomic_csv, atomic_json, atomic_torch_save, atomic_write_bytes
 from finetune_cli.tblog import TensorBoardLogger
 from finetune_cli.train.features import FeatureStore
@@ -145,7 +146,10 @@ def read_summary(run_dir: Path) -> Dict[str, Any]:
 
 
 def mark_failed(out_dir: Path, error: BaseException) -> None:
-    """Record a failure in summary.json, keeping whatever the run already wrote."""
+    """Record a failure in summary.json, keeping whatever the run already wrote; a refused run
+    (``Refused``: it did nothing, in a folder holding an earlier run) records nothing."""
+    if isinstance(error, Refused):
+        return
     summary = read_summary(out_dir)
     first = str(error).splitlines()[0] if str(error) else ""
     summary.update({"status": "failed", "error": f"{type(error).__name__}: {first}"})

@@ -18,7 +18,7 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.plan import show_plan
 from finetune_cli.record import Recorder, read_summary
 from finetune_cli.runtime import seed_everything
-from finetune_cli.train.checkpoint import finished_before_build, read_resume, resume
+from finetune_cli.train.checkpoint import finished_before_build, read_resume, refuse_changed_settings, resume
 from finetune_cli.train.fit import fit
 from finetune_cli.train.mixing import make_mixer
 from finetune_cli.train.shutdown import Interrupted
@@ -40,6 +40,7 @@ def run(
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, recorder)
     ckpt = None if cfg.plan else read_resume(cfg.trainer.resume, out_dir)
+    refuse_changed_settings(ckpt, resolved)
     done = finished_before_build(ckpt, resolved)
     if done:
         return already_finished(done.checkpoint, done.finished)

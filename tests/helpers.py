@@ -23,6 +23,12 @@ def cli(args, cwd, *, env=None, timeout=900) -> subprocess.CompletedProcess:
     )
 
 
+def snapshot(run_dir):
+    """Every file the run wrote, with its bytes and modification time."""
+    files = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"]
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+
 def run_dirs(root: Path):
     """Run folders under ``root`` (each holds Hydra's .hydra/ folder)."""
     return sorted(p.parent for p in Path(root).rglob(".hydra"))

@@ -12,18 +12,14 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.train import fit as fit_module
 from finetune_cli.train.engine import EpochResult
 
+from helpers import snapshot
+
 TINY = ("debug=tiny",)
 
 
 def rows(run_dir):
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
-
-
-def snapshot(run_dir):
-    """Every file the run wrote, with its bytes and modification time."""
-    files = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"]
-    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 @pytest.fixture
@@ -251,5 +247,5 @@ def test_ewc_runs_its_fisher_through_the_classifier_the_weights_came_with(finetu
 
 def test_resuming_with_other_classes_is_refused(finetune):
     _, run = finetune(*TINY)
-    with pytest.raises(FinetuneError, match="was saved for resnet18 with classes .* resume with the run's own model"):
+    with pytest.raises(FinetuneError, match="these settings differ .* data.synthetic.classes: 10 -> 3"):
         finetune(*TINY, "data.synthetic.classes=3", f"trainer.resume={run}", name="other")

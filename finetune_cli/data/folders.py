@@ -63,6 +63,11 @@ class Splits:
         return len(self.train) / max(1, len(self.classes))
 
 
+def class_names(root: Path) -> List[str]:
+    """The class folders of ``root`` (a split folder such as train/), sorted."""
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+
+
 def class_files(root: Path) -> Dict[str, List[str]]:
     """``{class: [image paths]}`` for ``root/<class>/*``, searched recursively and following
     symbolic links. The data check and the datasets both read this listing, so they see the very
@@ -70,7 +75,7 @@ def class_files(root: Path) -> Dict[str, List[str]]:
     link leading out of its class folder (a loop such as ``loop -> ..``, another class, a place
     outside), and a file link into another class's folder (one image, two labels)."""
     root = Path(root)
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    classes = class_names(root)
     if not classes:
         raise FinetuneError(
             f"{root} has no class folders: put each class's images in its own sub-folder, {root}/<class>/*."

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from finetune_cli.errors import FinetuneError
+from finetune_cli.data.folders import class_names
+from finetune_cli.errors import FinetuneError, Refused
 from finetune_cli.io_utils import safe_torch_load
 from finetune_cli.runtime import rng_state, set_rng_state
 from finetune_cli.train.callbacks import MetricTracker
@@ -131,6 +132,81 @@ def finished_before_build(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, An
 
 # --- resuming --------------------------------------------------------------------------------
 
+# Settings a resumed run may change: where files are, which device and how fast, what is shown.
+# Any other difference from the checkpoint's run would train something else than that run.
+FREE_TO_CHANGE = (
+    "trainer.resume", "trainer.device", "trainer.save_every", "trainer.amp", "trainer.channels_last",
+    "trainer.compile", "trainer.deterministic", "data.root", "data.num_workers", "data.check_images",
+    "data.on_bad_image", "data.max_image_pixels", "data.cache_features", "data.reduced_decode", "logger",
+    "plan", "preview", "preview_images", "cache_dir",
+)
+
+
+def _flat(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> List[str]:
+    """``key: saved -> now`` for each setting that differs and changes what trains (keys that one
+    side lacks, from another version of the tool, are not compared)."""
+    before, after = _flat(saved or {}), _flat(now)
+
+    def free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in FREE_TO_CHANGE)
+
+    return [f"{k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
+            if not free(k) and before[k] != after[k]]
+
+
+def settings_check(spec: Optional[str], run_dir: Path, resolved: Dict[str, Any]) -> None:
+    """The changed-settings refusal, before the run folder is touched (the CLI calls it before
+    Hydra writes the folder's .hydra/config.yaml)."""
+    path = checkpoint_path(spec, run_dir)
+    if path is None:
+        return
+    ckpt = read_checkpoint(path)
+    ckpt["path"] = str(path)
+    refuse_changed_settings(ckpt, resolved)
+    data = resolved.get("data") or {}
+    train = Path(str(data.get("root"))).expanduser() / "train"
+    if data.get("source") == "imagefolder" and train.is_dir():
+        refuse_other_run(ckpt, (resolved.get("model") or {}).get("name"), class_names(train))
+
+
+def refuse_other_run(ckpt: Dict[str, Any], model_name: str, classes: List[str]) -> None:
+    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
+        raise Refused(
+            f"{ckpt['path']} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run "
+            f"has {model_name} with classes {classes[:5]}...: resume with the run's own model and data. Nothing "
+            "was changed."
+        )
+
+
+def refuse_changed_settings(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, Any]) -> None:
+    """Resuming continues the checkpoint's run exactly, or does not happen: never a mix of its
+    state (mask, optimizer, schedule) with other settings."""
+    changes = changed_settings((ckpt or {}).get("config"), resolved)
+    if not changes:
+        return
+    path = Path(ckpt["path"])
+    best = path.parent / "best.pt"
+    epochs = any(c.startswith("trainer.epochs:") for c in changes)
+    raise Refused(
+        f"Cannot resume {path}: resuming continues that run exactly, and these settings differ from the "
+        f"ones it trained with: {'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}."
+        + (" (Its LR schedule was laid out for its own number of epochs: a longer or shorter run needs "
+           "a schedule of its own.)" if epochs else "")
+        + " To continue it, resume with its settings (drop these overrides). To train on from its weights "
+        f"with the new settings, start a new run in a new folder: model.weights={best if best.is_file() else path}, "
+        "without trainer.resume. Nothing was changed."
+    )
+
 
 @dataclass
 class Start:
@@ -177,11 +253,7 @@ def resume(state: TrainState, ckpt: Optional[Dict[str, Any]], epochs: int, model
     """Restore ``ckpt`` into ``state`` (the strategy's mask included), or start at epoch 1."""
     if ckpt is None:
         return Start()
-    if ckpt["model_name"] != model_name or ckpt["classes"] != classes:
-        raise FinetuneError(
-            f"{ckpt['path']} was saved for {ckpt['model_name']} with classes {ckpt['classes'][:5]}..., but this run "
-            f"has {model_name} with classes {classes[:5]}...: resume with the run's own model and data."
-        )
+    refuse_other_run(ckpt, model_name, classes)
     finished = finished_reason(ckpt, epochs, state.tracker.patience)
     if finished:
         return Start(int(ckpt["epoch"]) + 1, Path(ckpt["path"]), finished=finished)
