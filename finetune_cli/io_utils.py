@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -9,17 +10,67 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List
 
 import torch
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an OS lock on ``folder`` (its ``.lock`` file, never written to) while a run uses it:
+    a second process is refused. The lock ends with the process, however it ends (``kill -9``
+    included)."""
+    from finetune_cli.errors import Refused
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise Refused(
+                f"Another finetune-cli process is running in {folder}, and two runs in one folder would write "
+                "over each other's files. Wait for it to end, or give this run a folder of its own "
+                "(hydra.run.dir=...). Nothing was changed."
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Temporary files of saves that never finished (``kill -9`` or a second signal mid-save),
+    removed from ``folder`` and its checkpoints/. Only call it holding the folder's lock."""
+    removed = []
+    for where in (Path(folder), Path(folder) / "checkpoints"):
+        if where.is_dir():
+            for tmp in where.glob(f".*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write`` into a temporary file beside ``path``, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files follow the umask like any other
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -109,6 +160,22 @@ def refused_globals(path: Path) -> List[str]:
     return [g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBAL_PREFIXES)]
 
 
+def _truncated(path: Path, exc: Exception) -> bool:
+    """A torch zip archive cut short (its central directory, at the end, is missing), or an
+    error that says so."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return True
+    text = str(exc)
+    return any(m in text for m in ("failed finding central directory", "unexpected EOF", "Ran out of input"))
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: a pickle that would import or call anything
     beyond tensors and plain containers is refused, naming what it asked for, and never run."""
@@ -121,6 +188,11 @@ def safe_torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if _truncated(path, exc):
+            raise FinetuneError(
+                f"{path} is truncated or corrupt ({str(exc).splitlines()[0][:100]}). It was probably cut "
+                "short by a full disk or a copy that did not finish. Use another copy, or another checkpoint."
+            ) from None
         blocked = refused_globals(path)
         if blocked:
             detail = f"it would import {', '.join(blocked[:5])}, which is not allowed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -119,6 +120,12 @@ class Recorder:
         atomic_json(self.summary, self.out_dir / "summary.json")
         ui.show_result(self.summary)
         return self.summary
+
+    def forced_out(self, signum: int) -> None:
+        """A second signal ends the process at once: summary.json says so rather than "running"."""
+        self.summary.update(status="interrupted", error=f"{signal.Signals(signum).name} twice: quit at once, "
+                            "the epoch under way abandoned", total_seconds=self.seconds())
+        atomic_json(self.summary, self.out_dir / "summary.json")
 
     def interrupted(self, exc: Interrupted) -> SystemExit:
         """Record the interruption, say how to resume; the caller raises what this returns

@@ -11,6 +11,7 @@ from finetune_cli.checks import check
 from finetune_cli.config import Config, LoggerName, PreviewMode
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.preview import write_preview
+from finetune_cli.io_utils import folder_lock, remove_stale_temporaries
 from finetune_cli.models import resolve_weights
 from finetune_cli.models.factory import preprocess_for
 from finetune_cli.models.weights import WeightsChoice
@@ -33,8 +34,19 @@ def run(
     label: Optional[str] = None,
     command: str = "finetune-cli",
 ) -> Dict[str, Any]:
-    """Returns the run's summary (also in ``out_dir/summary.json``)."""
+    """Returns the run's summary (also in ``out_dir/summary.json``). One process at a time runs
+    in a folder; what an earlier one left half-saved is cleared first."""
     check(cfg)
+    with folder_lock(out_dir):
+        stale = remove_stale_temporaries(out_dir)
+        if stale:
+            log.info(f"Removed {len(stale)} temporary file(s) of a save that never finished: "
+                     f"{', '.join(p.name for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
+        return _run(cfg, out_dir, resolved, label, command)
+
+
+def _run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[str], command: str
+         ) -> Dict[str, Any]:
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     recorder = Recorder(out_dir, command)
     if cfg.preview == PreviewMode.augment:

@@ -170,8 +170,7 @@ def settings_check(spec: Optional[str], run_dir: Path, resolved: Dict[str, Any])
     path = checkpoint_path(spec, run_dir)
     if path is None:
         return
-    ckpt = read_checkpoint(path)
-    ckpt["path"] = str(path)
+    ckpt = read_or_fall_back(path, spec, run_dir)
     refuse_changed_settings(ckpt, resolved)
     data = resolved.get("data") or {}
     train = Path(str(data.get("root"))).expanduser() / "train"
@@ -243,7 +242,29 @@ def read_resume(spec: Optional[str], out_dir: Path) -> Optional[Dict[str, Any]]:
             log.info(f"trainer.resume=auto: no checkpoint in {out_dir} yet, starting from epoch 1. (A resubmitted "
                      "job finds its own checkpoint when its folder is fixed: hydra.run.dir=...)")
         return None
-    ckpt = read_checkpoint(path)
+    return read_or_fall_back(path, spec, out_dir)
+
+
+def read_or_fall_back(path: Path, spec: str, out_dir: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path``; with ``auto``, when last.pt is truncated or corrupt, the newest
+    intact one of the folder (epoch_NNN.pt, best.pt) instead. Its ``path`` is added."""
+    try:
+        ckpt = read_checkpoint(path)
+    except FinetuneError as exc:
+        if spec != "auto" or "is truncated or corrupt" not in str(exc):
+            raise
+        intact = []
+        for candidate in sorted(path.parent.glob("*.pt")):
+            if candidate != path:
+                try:
+                    intact.append((read_checkpoint(candidate), candidate))
+                except FinetuneError:
+                    continue
+        if not intact:
+            raise FinetuneError(f"{exc} No other checkpoint in {path.parent} is intact: start again without "
+                                "trainer.resume, in a new folder.") from None
+        ckpt, path = max(intact, key=lambda found: int(found[0].get("epoch", 0)))
+        log.warning(f"{exc} Resuming from {path} instead (epoch {ckpt['epoch']}), the newest intact checkpoint.")
     ckpt["path"] = str(path)
     return ckpt
 

@@ -233,7 +233,7 @@ def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
     """Train from ``start.epoch``; returns what the summary adds at the end."""
     inputs = epoch_inputs(parts, recorder)
     recorder.summary.update(feature_cache=inputs.cache, setup_seconds=recorder.seconds())
-    totals, stop, finished = Totals(), GracefulStop(), None
+    totals, stop, finished = Totals(), GracefulStop(on_second=recorder.forced_out), None
     try:
         with stop:
             for epoch in range(start.epoch, parts.controller.epochs + 1):

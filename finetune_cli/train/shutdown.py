@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("finetune_cli")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -25,16 +25,25 @@ class Interrupted(Exception):
 
 
 class GracefulStop:
-    def __init__(self) -> None:
+    """``on_second``: called with the signal number before the second signal ends the process
+    (the run records itself as interrupted there)."""
+
+    def __init__(self, on_second: Optional[Callable[[int], None]] = None) -> None:
         self.signum: Optional[int] = None
         self._previous: Dict[int, Any] = {}
+        self._on_second = on_second
 
     def requested(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)  # the second signal: no more waiting
+        if self.signum is not None:  # the second signal: no more waiting
+            if self._on_second is not None:
+                try:
+                    self._on_second(signum)
+                finally:
+                    os._exit(128 + signum)
+            os._exit(128 + signum)
         self.signum = signum
         log.warning(
             f"{signal.Signals(signum).name} received: stopping after the current step "

@@ -106,3 +106,32 @@ def test_sigterm_during_synthetic_pretraining_stops_cleanly(tmp_path):
     summary = json.loads((tmp_path / "outputs/pre/summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert not list(cache.rglob("synthetic-*.pt"))  # no half-trained weights are cached
+
+
+RANDOM_INIT = [a for a in COMMON if a != "model.weights=synthetic"]  # no pretraining needed
+
+
+def test_a_second_sigterm_quits_at_once_and_records_the_interruption(tmp_path):
+    """A second signal exits without waiting; summary.json once stayed "running"."""
+    proc = _start([*RANDOM_INIT, "hydra.run.dir=outputs/twice"], tmp_path)
+    _wait_for(proc, "epoch   1/4")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 143
+    summary = json.loads((tmp_path / "outputs/twice/summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM twice" in summary["error"]
+
+
+def test_two_processes_in_one_folder_the_second_is_refused(tmp_path):
+    first = _start([*RANDOM_INIT, "hydra.run.dir=outputs/shared"], tmp_path)
+    _wait_for(first, "epoch   1/4")
+    second = cli([*RANDOM_INIT, "hydra.run.dir=outputs/shared", "trainer.resume=auto"], tmp_path)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 1 and "Another finetune-cli process is running in" in out
+    assert "Traceback" not in out
+    summary = json.loads((tmp_path / "outputs/shared/summary.json").read_text())
+    assert summary["status"] == "interrupted"  # the first run's record, not the refused one's
