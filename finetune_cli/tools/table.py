@@ -8,7 +8,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import ListConfig, OmegaConf
@@ -59,20 +59,46 @@ def _read_metrics(run: Path) -> List[Dict[str, float]]:
                     except (TypeError, ValueError):
                         row[k] = v  # type: ignore[assignment]
                 rows.append(row)
-    except (OSError, csv.Error):
+    except (OSError, csv.Error, ValueError):  # missing, or not text (binary, NUL bytes): the rows read so far
         pass
     return rows
 
 
-def read_run(path: Path, root: Path) -> Run:
-    summary: Dict[str, Any] = {}
-    problem = None
+def _read_summary(path: Path) -> Tuple[Dict[str, Any], Optional[str]]:
+    """summary.json as a mapping whose numbers are numbers, and what was wrong with it."""
     try:
-        summary = json.loads((path / "summary.json").read_text())
+        loaded = json.loads((path / "summary.json").read_text())
     except FileNotFoundError:
-        problem = "no summary.json (stopped before its first epoch)"
+        return {}, "no summary.json (stopped before its first epoch)"
     except (OSError, ValueError) as exc:
-        problem = f"unreadable summary.json ({type(exc).__name__})"
+        return {}, f"unreadable summary.json ({type(exc).__name__})"
+    if not isinstance(loaded, dict):
+        return {}, f"summary.json holds a {type(loaded).__name__}, not a mapping"
+    summary = {k: v for k, v in loaded.items() if k not in NUMBERS or _is_number(v)}
+    if not isinstance(summary.get("best"), dict):
+        summary.pop("best", None)
+    return summary, None
+
+
+NUMBERS = ("total_seconds", "train_images_per_s", "trainable_params_final", "trainable_params", "total_params",
+           "peak_memory_mb", "grad_optimizer_mb", "epochs_run")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _job_choice(path: Path, key: str) -> str:
+    """``model.name`` or ``strategy.name`` from the job's own config (a run that failed early
+    has no summary to say it)."""
+    try:
+        return str(OmegaConf.select(OmegaConf.load(path / ".hydra" / "config.yaml"), key, default="") or "")
+    except Exception:  # a missing or broken config: the column stays empty
+        return ""
+
+
+def read_run(path: Path, root: Path) -> Run:
+    summary, problem = _read_summary(path)
     metrics = _read_metrics(path)
     status = summary.get("status", "unknown")
     if status == "running":
@@ -86,8 +112,8 @@ def read_run(path: Path, root: Path) -> Run:
     row: Dict[str, Any] = {
         "run": str(path.relative_to(root)) if path != root else path.name,
         "status": status,
-        "model": summary.get("model", ""),
-        "strategy": summary.get("strategy", ""),
+        "model": str(summary.get("model") or _job_choice(path, "model.name")),
+        "strategy": str(summary.get("strategy") or _job_choice(path, "strategy.name")),
         "overrides": "",
         "monitor": best.get("monitor", ""),
         "best": best.get("value"),
@@ -105,7 +131,7 @@ def read_run(path: Path, root: Path) -> Run:
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "grad_optimizer_mb": summary.get("grad_optimizer_mb"),
         "feature_cache": _cache_label(summary.get("feature_cache")),
-        "error": summary.get("error") or problem or "",
+        "error": str(summary.get("error") or problem or ""),
         # shown in the printed table, not written to report.csv
         "initial_trainable_pct": None,
         "peak_memory_kind": summary.get("peak_memory_kind") or "",
@@ -133,10 +159,26 @@ def _differing(runs: List[Run]) -> None:
         r.row["overrides"] = " ".join(f"{k}={r.override_map[k]}" for k in varying if k in r.override_map)
 
 
+def _read_or_describe(path: Path, root: Path) -> Run:
+    """One broken run folder never stops a report: it becomes a row that says what is wrong."""
+    try:
+        return read_run(path, root)
+    except Exception as exc:
+        row = {k: None for k in ("best", "best_epoch", "final_train_acc", "final_val_acc", "train_val_gap",
+                                 "epochs_run", "total_seconds", "seconds_per_epoch", "images_per_s",
+                                 "trainable_params", "total_params", "trainable_pct", "peak_memory_mb",
+                                 "grad_optimizer_mb", "initial_trainable_pct")}
+        row.update(run=str(path.relative_to(root)) if path != root else path.name, status="unreadable",
+                   model=_job_choice(path, "model.name"), strategy=_job_choice(path, "strategy.name"),
+                   overrides="", monitor="", feature_cache="", peak_memory_kind="",
+                   error=f"unreadable run folder ({type(exc).__name__}: {exc})")
+        return Run(path, row, [], {})
+
+
 def read_runs(paths: Sequence[Path], root: Path) -> List[Run]:
     """The runs in ``paths``, in that order; their ``overrides`` column holds the overrides
     whose values differ between them."""
-    runs = [read_run(p, root) for p in paths]
+    runs = [_read_or_describe(p, root) for p in paths]
     _differing(runs)
     return runs
 

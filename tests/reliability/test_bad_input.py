@@ -132,3 +132,35 @@ def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 1 and ("became nan" in failed[0]["error"] or "became inf" in failed[0]["error"])
+
+
+def test_report_survives_broken_run_folders_and_names_failed_jobs_choices(tmp_path, finetune):
+    """One bad run folder (a list or null summary.json, a binary metrics.csv) once made the
+    report exit 1 with a traceback; failed jobs showed model and strategy as "-"."""
+    import shutil
+    import subprocess
+    import sys
+
+    _, good = finetune("debug=tiny", "strategy=linear_probe", out_dir=tmp_path / "all" / "good")
+    (good / ".hydra").mkdir()
+    (good / ".hydra" / "config.yaml").write_text("model:\n  name: resnet18\nstrategy:\n  name: linear_probe\n")
+    (good / ".hydra" / "overrides.yaml").write_text("- strategy=linear_probe\n")
+    for name, summary, metrics in (("as_list", b"[1, 2]", None), ("as_null", b"null", None),
+                                   ("binary", None, bytes(range(256)) * 8), ("odd_types", b'{"best": "x", "total_seconds": "slow"}', None)):
+        broken = tmp_path / "all" / name
+        shutil.copytree(good, broken)
+        if summary is not None:
+            (broken / "summary.json").write_bytes(summary)
+        if metrics is not None:
+            (broken / "metrics.csv").write_bytes(metrics)
+    early = tmp_path / "all" / "failed_early"
+    shutil.copytree(good / ".hydra", early / ".hydra")  # a job that failed before writing anything
+    proc = subprocess.run([sys.executable, "-m", "finetune_cli.tools.report", str(tmp_path / "all")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "all" / "report.csv").open())}
+    assert set(rows) == {"good", "as_list", "as_null", "binary", "odd_types", "failed_early"}
+    assert "not a mapping" in rows["as_list"]["error"] and "not a mapping" in rows["as_null"]["error"]
+    assert rows["failed_early"]["model"] == "resnet18" and rows["failed_early"]["strategy"] == "linear_probe"
+    assert rows["as_list"]["strategy"] == "linear_probe"
