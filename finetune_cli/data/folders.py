@@ -293,7 +293,10 @@ def make_loader(
         drop_last=train and len(dataset) > batch_size,  # no size-1 batch through BatchNorm
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        # Training loaders start their workers afresh each epoch, seeded from ``generator`` (saved in
+        # every checkpoint): a resumed run's augmentation then draws exactly what the uninterrupted
+        # run's did. Persistent workers would carry their random state on from the first epoch.
+        persistent_workers=num_workers > 0 and not train,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=generator,
     )
