@@ -151,6 +151,9 @@ def _data_problems(cfg: Config) -> List[str]:
                 "data.root is not set. Point it at your images (data.root=DIR with DIR/train/<class>/*), "
                 "or try data=synthetic, or `finetune-cli experiment=quickstart` for the offline demo."
             )
+        elif Path(data.root).expanduser().is_file():
+            found.append(f"data.root={data.root} is a file; point it at the folder holding train/<class>/* "
+                         "(and optionally val/<class>/*).")
         elif not Path(data.root).expanduser().is_dir():
             found.append(f"data.root={data.root} does not exist (relative paths start at {Path.cwd()}).")
     else:

@@ -189,3 +189,32 @@ def test_a_class_with_one_image_and_no_val_folder_is_named(tmp_path, caplog):
     splits = image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
     assert len(splits.val) == 2  # one of ants, one of bees, none of wasps
     assert "1 of 3 classes have a single image" in caplog.text and ": wasps." in caplog.text
+
+
+def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, monkeypatch):
+    import os
+
+    root = make_image_folder(tmp_path / "d", classes=("ants", "bees"))
+    locked = str(root / "train" / "bees")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what chmod 000 does for a user other than root
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(FinetuneError, match=f"Cannot read {locked} \\(Permission denied\\)"):
+        image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
+
+
+def test_data_root_pointing_at_a_file_says_so(tmp_path):
+    from omegaconf import OmegaConf
+
+    from finetune_cli.checks import problems
+    from finetune_cli.config import Config
+
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
+                                              {"data": {"source": "imagefolder", "root": str(tmp_path / "images.zip")}}))
+    assert any("is a file; point it at the folder holding train/<class>/*" in p for p in problems(cfg))

@@ -97,7 +97,14 @@ def _link_error(link: str, target: str, cls: str, why: str) -> FinetuneError:
 
 def _listed(folder: Path, cls: str, home: str, other_homes: List[str]) -> List[str]:
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        raise FinetuneError(
+            f"Cannot read {error.filename} ({error.strerror}): its images cannot be listed. Give the user running "
+            f"finetune-cli read access (chmod -R a+rX {folder}), or move the folder out of data.root."
+        )
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if not _inside(real, home) or real in seen:
             why = "a loop back into folders already read" if real in seen or _inside(home, real) else \
