@@ -1,6 +1,7 @@
 """Cached frozen features: the tail, the decision, the store, and runs that match uncached ones."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -196,7 +197,8 @@ def test_strategies_that_train_below_the_head_never_cache(tmp_path):
 
 
 def test_resume_reads_the_features_back(tmp_path):
-    out, s1, _, _ = _run(tmp_path, "r", "augment=none", "trainer.epochs=2")
+    out, s1, _, _ = _run(tmp_path, "r", "augment=none", "trainer.epochs=3", "trainer.save_every=1")
     assert not s1["feature_cache"]["reused"]
-    _, s2, rows, _ = _run(tmp_path, "r", "augment=none", "trainer.resume=auto")
+    shutil.copy(out / "checkpoints" / "epoch_002.pt", out / "checkpoints" / "last.pt")  # as if stopped after epoch 2
+    _, s2, rows, _ = _run(tmp_path, "r", "augment=none", "trainer.epochs=3", "trainer.save_every=1", "trainer.resume=auto")
     assert s2["feature_cache"]["reused"] and s2["epochs_run"] == 3 and len(rows) == 4
