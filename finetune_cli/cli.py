@@ -76,18 +76,16 @@ class RunHooks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A sweep's jobs are checked before the first one starts: no job folder is made for a
         sweep that would fail on its settings (only Hydra's basic sweeper lists its jobs ahead)."""
-        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
-            return
-        problems = sweep_problems(list(config.hydra.overrides.task), config.hydra.sweeper.get("params") or {},
-                                  config.hydra.job.config_name)
-        if problems:
-            print(problems, file=sys.stderr)
-            raise SystemExit(1)
+        if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
+            problems = sweep_problems(list(config.hydra.overrides.task), config.hydra.sweeper.get("params") or {},
+                                      config.hydra.job.config_name)
+            if problems:
+                print(problems, file=sys.stderr)
+                raise SystemExit(1)
+        SWEEP["dir"] = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from finetune_cli.tools.sweep import show_sweep
-
-        show_sweep(Path(config.hydra.sweep.dir))
+        _show_sweep_once()
 
 
 def ready_to_run(cfg: Config) -> None:
@@ -100,6 +98,17 @@ def ready_to_run(cfg: Config) -> None:
     check(cfg)
     if not cfg.plan and cfg.preview.value == "off":
         fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())
+
+
+SWEEP: dict = {"dir": None}  # the sweep under way: its closing table is shown once, even when a job failed
+
+
+def _show_sweep_once() -> None:
+    from finetune_cli.tools.sweep import show_sweep
+
+    folder, SWEEP["dir"] = SWEEP["dir"], None
+    if folder is not None:
+        show_sweep(folder)
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -180,7 +189,10 @@ def main() -> None:
     if problem:
         print(problem, file=sys.stderr)
         raise SystemExit(1)
-    hydra_main()
+    try:
+        hydra_main()
+    finally:  # a failed job ends the sweep early (non-zero exit): its table still closes it
+        _show_sweep_once()
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

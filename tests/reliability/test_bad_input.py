@@ -124,6 +124,7 @@ def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path
     # (an LR that overflows the loss) is recorded and the others go on
     proc = cli(["-m", "optimizer.lr=0.01,1e30,0.001", "optimizer=sgd", "strategy=full", "debug=tiny"], tmp_path)
     assert proc.returncode != 0
+    assert "Sweep:" in proc.stdout and "failed" in proc.stdout  # the closing table, though a job failed
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     statuses = sorted(json.loads((r / "summary.json").read_text())["status"] for r in run_dirs(sweep))
     assert statuses == ["completed", "completed", "failed"]
