@@ -125,9 +125,9 @@ def test_a_second_sigterm_quits_at_once_and_records_the_interruption(tmp_path):
 
 
 def test_two_processes_in_one_folder_the_second_is_refused(tmp_path):
-    first = _start([*RANDOM_INIT, "hydra.run.dir=outputs/shared"], tmp_path)
+    first = _start([*RANDOM_INIT, "trainer.epochs=100", "hydra.run.dir=outputs/shared"], tmp_path)  # outlasts the second
     _wait_for(first, "epoch   1/4")
-    second = cli([*RANDOM_INIT, "hydra.run.dir=outputs/shared", "trainer.resume=auto"], tmp_path)
+    second = cli([*RANDOM_INIT, "trainer.epochs=100", "hydra.run.dir=outputs/shared", "trainer.resume=auto"], tmp_path)
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)
     out = second.stdout + second.stderr
