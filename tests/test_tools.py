@@ -83,6 +83,7 @@ def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
         assert img.format == "PNG" and img.size[0] > 300
 
 
+@pytest.mark.slow  # 25 s; tests/test_report_plots.py covers the per-group plot of a progressive run
 def test_report_plots_lr_per_group_for_discriminative_runs(tmp_path):
     proc = cli(["strategy=discriminative", *SMALL, *TINY, "trainer.epochs=2", "hydra.run.dir=runs/d"], tmp_path)
     assert proc.returncode == 0, proc.stderr

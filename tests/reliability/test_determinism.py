@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 COMMON = ["debug=tiny", "model.weights=synthetic", "trainer.epochs=2", "strategy=partial", "augment=strong",
           "augment.mixup_alpha=0.2"]
 
@@ -13,6 +15,7 @@ def _metrics(finetune, *extra):
     return [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"]) for r in rows]
 
 
+@pytest.mark.slow  # 50 s; the default suite checks 2 workers through the resume test below
 def test_same_seed_with_two_workers_gives_identical_metrics(finetune):
     a = _metrics(finetune, "data.num_workers=2", "trainer.seed=5")
     b = _metrics(finetune, "data.num_workers=2", "trainer.seed=5")

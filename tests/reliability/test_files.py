@@ -58,7 +58,7 @@ def _malicious(tmp_path, kind):
     return path, sentinel
 
 
-@pytest.mark.parametrize("kind", ["torch.save", "pickle"])
+@pytest.mark.parametrize("kind", ["torch.save", pytest.param("pickle", marks=pytest.mark.slow)])
 def test_a_malicious_pickle_is_refused_everywhere(tmp_path, kind):
     path, sentinel = _malicious(tmp_path, kind)
     as_weights = cli(["debug=tiny", f"model.weights={path}", "hydra.run.dir=outputs/w"], tmp_path)
