@@ -10,3 +10,7 @@ class FinetuneError(CompactHydraException):
 class Refused(FinetuneError):
     """A run refused before it did anything, in a folder that may hold an earlier run's files
     (a resume with other settings): the folder is left exactly as it was, summary.json included."""
+
+
+class Truncated(FinetuneError):
+    """A file cut short or corrupted (a full disk, an unfinished copy): another copy may be whole."""

@@ -181,7 +181,7 @@ def safe_torch_load(path: Path) -> Any:
     beyond tensors and plain containers is refused, naming what it asked for, and never run."""
     import warnings
 
-    from finetune_cli.errors import FinetuneError
+    from finetune_cli.errors import FinetuneError, Truncated
 
     try:
         with warnings.catch_warnings():
@@ -189,7 +189,7 @@ def safe_torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if _truncated(path, exc):
-            raise FinetuneError(
+            raise Truncated(
                 f"{path} is truncated or corrupt ({str(exc).splitlines()[0][:100]}). It was probably cut "
                 "short by a full disk or a copy that did not finish. Use another copy, or another checkpoint."
             ) from None

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from finetune_cli.data.folders import class_names
-from finetune_cli.errors import FinetuneError, Refused
+from finetune_cli.errors import FinetuneError, Refused, Truncated
 from finetune_cli.io_utils import safe_torch_load
 from finetune_cli.runtime import rng_state, set_rng_state
 from finetune_cli.train.callbacks import MetricTracker
@@ -250,8 +250,8 @@ def read_or_fall_back(path: Path, spec: str, out_dir: Path) -> Dict[str, Any]:
     intact one of the folder (epoch_NNN.pt, best.pt) instead. Its ``path`` is added."""
     try:
         ckpt = read_checkpoint(path)
-    except FinetuneError as exc:
-        if spec != "auto" or "is truncated or corrupt" not in str(exc):
+    except Truncated as exc:
+        if spec != "auto":
             raise
         intact = []
         for candidate in sorted(path.parent.glob("*.pt")):
