@@ -18,7 +18,7 @@ from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
-from finetune_cli.models.factory import preprocess_for
+from finetune_cli.models.factory import load_weights_file, preprocess_for
 from finetune_cli.models.groups import head_paths
 from finetune_cli.models.pretrain import estimate_seconds, synthetic_weights, synthetic_weights_path
 from finetune_cli.models.tail import Tail, find_tail
@@ -197,6 +197,23 @@ def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_
         blockers=train_blockers(model, tail, random_augment=aug.name.value if aug.name != AugmentName.none else None,
                                 mixing=aug.mixup_alpha > 0 or aug.cutmix_alpha > 0),
     )
+
+
+def check_against_model(cfg: Config) -> None:
+    """What can be checked against the architecture alone, before a run folder exists: the input
+    size, the strategy's group counts and group LRs, and whether a weights file fits the model.
+    The model is built on the meta device (no memory, no initialisation, no weights read)."""
+    m = cfg.model
+    with torch.device("meta"):
+        built = create_model(m.name, WeightsChoice("none"), 2, head=HeadSpec(m.head, m.head_hidden, m.head_dropout),
+                             aux_logits=m.aux_logits, image_size=cfg.data.image_size)
+    names = [g.name for g in built.groups]
+    resolve(cfg.strategy, names, epochs=cfg.trainer.epochs, images_per_class=1.0)
+    layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(names), cfg.strategy.lr_decay, cfg.strategy.group_lrs)
+    if m.weights not in (None, "synthetic"):
+        choice = resolve_weights(m.name, m.weights)
+        if choice.kind == "file":
+            load_weights_file(built.model, built.family, choice)
 
 
 def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training: bool = True) -> Parts:

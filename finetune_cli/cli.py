@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune_cli.config import Config, register_configs
-from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import FinetuneError, storage_problem
 from finetune_cli.paths import conf_dir
 
 log = logging.getLogger("finetune_cli")
@@ -40,6 +40,12 @@ def unique_dir(path: str) -> str:
         except FileExistsError:
             n += 1
             candidate = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:  # Hydra resolves this before any task code: say it here, and stop
+            problem = storage_problem(OSError(exc.errno, exc.strerror, str(candidate)), started=False)
+            if problem is None:
+                raise
+            print(problem, file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def path_safe(name: str, limit: int = 120) -> str:
@@ -63,6 +69,7 @@ class RunHooks(Callback):
         try:
             cfg = typed_config(_without_hydra(config))
             ready_to_run(cfg)
+            refuse_unwritable(config)
             if cfg.trainer.resume and not cfg.plan:
                 from finetune_cli.train.checkpoint import settings_check
 
@@ -89,15 +96,34 @@ class RunHooks(Callback):
 
 
 def ready_to_run(cfg: Config) -> None:
-    """What can fail before a run folder exists, done before it is made: the settings' checks,
-    and the download of pretrained weights (never for a plan or a preview, which download nothing)."""
+    """What can fail before a run folder exists, done before it is made: the settings' checks
+    (against the architecture too: group counts, a weights file's fit), and the download of pretrained weights (never for a plan or a preview, which download nothing)."""
     from finetune_cli import ui
+    from finetune_cli.build import check_against_model
     from finetune_cli.checks import check
     from finetune_cli.models.weights import fetch_ahead
 
     check(cfg)
+    check_against_model(cfg)
     if not cfg.plan and cfg.preview.value == "off":
         fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())
+
+
+def refuse_unwritable(config: DictConfig) -> None:
+    """A run folder given by name (hydra.run.dir=DIR) where nothing can be written is refused
+    before Hydra tries to make it (the default, dated folder is checked as it is made)."""
+    import errno
+    import os
+
+    raw = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", "")
+    if "${" in str(raw):
+        return
+    existing = Path(str(raw)).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+        raise FinetuneError(f"hydra.run.dir={raw}: {storage_problem(OSError(code, os.strerror(code), str(existing)), False)}")
 
 
 SWEEP: dict = {"dir": None}  # the sweep under way: its closing table is shown once, even when a job failed
@@ -185,12 +211,18 @@ def _groups() -> list:
 
 def main() -> None:
     """The console script: a misspelled key is named with its closest match, then Hydra runs."""
+    from finetune_cli.ui import tolerant_streams
+
+    tolerant_streams()
     problem = unknown_key(sys.argv[1:])
     if problem:
         print(problem, file=sys.stderr)
         raise SystemExit(1)
     try:
         hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before a run started (a run records its own interruption)
+        print("Interrupted before the run started: nothing was written.", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:  # a failed job ends the sweep early (non-zero exit): its table still closes it
         _show_sweep_once()
 
@@ -217,15 +249,16 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
                 + [shlex.quote(o) for o in hc.overrides.task if not o.startswith("trainer.resume=")]
             ),
         )
-    except FinetuneError as exc:
-        log.error(str(exc))
-        mark_failed(out_dir, exc)
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweep records the failure and goes on with the other jobs
-        raise SystemExit(1) from None
     except Exception as exc:
-        mark_failed(out_dir, exc)
-        raise
+        problem = exc if isinstance(exc, FinetuneError) else storage_problem(exc)  # a full disk, a read-only folder
+        if problem is None:
+            mark_failed(out_dir, exc)
+            raise
+        log.error(str(problem))
+        mark_failed(out_dir, problem)
+        if hc.mode == RunMode.MULTIRUN:
+            raise problem from None  # the sweep records the failure and goes on with the other jobs
+        raise SystemExit(1) from None
     best = summary.get("best")
     return best["value"] if best else None
 

@@ -17,6 +17,12 @@ import torch
 TMP_SUFFIX = ".tmp"
 
 
+def text_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 for a file. A file name that is not valid UTF-8 (Python holds its odd bytes
+    as surrogates) is written back as the very bytes it has on disk, so the line names the file."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -64,21 +70,47 @@ def remove_stale_temporaries(folder: Path) -> List[Path]:
     return removed
 
 
+class _KeepsWriteErrors:
+    """A file that keeps the error of a failed write: torch.save reports a write that failed (a
+    full disk) as a RuntimeError about positions in its archive, without the OSError behind it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename."""
+    """Write through ``write`` into a temporary file beside ``path``, fsync, then rename. A write
+    that fails for want of space raises that OSError, whatever ``write`` made of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    kept = None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files follow the umask like any other
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            kept = _KeepsWriteErrors(f)
+            write(kept)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = kept.error if kept is not None and kept.error is not None else exc
+        if isinstance(failed, OSError) and failed.errno and not failed.filename:  # name the file
+            raise OSError(failed.errno, failed.strerror, str(path)) from None
+        if failed is not exc:
+            raise failed from None
         raise
 
 
@@ -108,7 +140,7 @@ def atomic_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, text_bytes(buf.getvalue()))
 
 
 SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.slice",
@@ -176,6 +208,16 @@ def _truncated(path: Path, exc: Exception) -> bool:
     return any(m in text for m in ("failed finding central directory", "unexpected EOF", "Ran out of input"))
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle (protocol 2 and up start with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head.startswith((b"PK", b"\x80"))
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: a pickle that would import or call anything
     beyond tensors and plain containers is refused, naming what it asked for, and never run."""
@@ -192,6 +234,13 @@ def safe_torch_load(path: Path) -> Any:
             raise Truncated(
                 f"{path} is truncated or corrupt ({str(exc).splitlines()[0][:100]}). It was probably cut "
                 "short by a full disk or a copy that did not finish. Use another copy, or another checkpoint."
+            ) from None
+        if isinstance(exc, OSError):
+            raise
+        if not _looks_like_torch_file(path):
+            raise FinetuneError(
+                f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle). Give a file saved "
+                "with torch.save(model.state_dict(), path), a finetune-cli checkpoint, or .safetensors."
             ) from None
         blocked = refused_globals(path)
         if blocked:

@@ -17,7 +17,14 @@ from typing import Any, Dict, List, Optional
 
 from finetune_cli import ui
 from finetune_cli.errors import Refused
-from finetune_cli.io_utils import atomic_copy, atomic_csv, atomic_json, atomic_torch_save, atomic_write_bytes
+from finetune_cli.io_utils import (
+    atomic_copy,
+    atomic_csv,
+    atomic_json,
+    atomic_torch_save,
+    atomic_write_bytes,
+    text_bytes,
+)
 from finetune_cli.tblog import TensorBoardLogger
 from finetune_cli.train.features import FeatureStore
 from finetune_cli.train.shutdown import Interrupted
@@ -56,7 +63,7 @@ class Recorder:
 
     def skipped_images(self, bad: Dict[str, str]) -> Path:
         path = self.out_dir / "skipped_images.txt"
-        atomic_write_bytes(path, "".join(f"{p}\t{why}\n" for p, why in sorted(bad.items())).encode())
+        atomic_write_bytes(path, text_bytes("".join(f"{p}\t{why}\n" for p, why in sorted(bad.items()))))
         return path
 
     def feature_store(self) -> FeatureStore:
@@ -131,8 +138,17 @@ class Recorder:
         """Record the interruption, say how to resume; the caller raises what this returns
         (exit 130 for SIGINT, 143 for SIGTERM)."""
         self.close()
-        self.summary.update(status="interrupted", error=str(exc), total_seconds=self.seconds())
-        atomic_json(self.summary, self.out_dir / "summary.json")
+        if self.summary:
+            self.summary.update(status="interrupted", error=str(exc), total_seconds=self.seconds())
+            atomic_json(self.summary, self.out_dir / "summary.json")
+        else:  # before training began: what an earlier run of this folder recorded stays, a completed one whole
+            earlier = read_summary(self.out_dir)
+            if earlier.get("status") != "completed":
+                atomic_json({**earlier, "status": "interrupted", "error": str(exc)}, self.out_dir / "summary.json")
+            if self.last.is_file():
+                log.warning(f"Interrupted ({exc}); the run's files are as they were. Resume with:\n"
+                            f"  {self.command} trainer.resume={self.last}")
+                return SystemExit(exc.exit_code)
         saved = self.last if self.saved_here else self.resumed_from
         if saved is not None and self.saved_epoch:
             log.warning(
@@ -147,9 +163,10 @@ class Recorder:
 
 def read_summary(run_dir: Path) -> Dict[str, Any]:
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def mark_failed(out_dir: Path, error: BaseException) -> None:
@@ -160,4 +177,7 @@ def mark_failed(out_dir: Path, error: BaseException) -> None:
     summary = read_summary(out_dir)
     first = str(error).splitlines()[0] if str(error) else ""
     summary.update({"status": "failed", "error": f"{type(error).__name__}: {first}"})
-    atomic_json(summary, out_dir / "summary.json")
+    try:
+        atomic_json(summary, out_dir / "summary.json")
+    except OSError as exc:  # a full disk or a read-only folder: the error itself is still shown
+        log.warning(f"Could not record the failure in {out_dir / 'summary.json'} ({exc.strerror}).")

@@ -22,7 +22,7 @@ from finetune_cli.runtime import seed_everything
 from finetune_cli.train.checkpoint import finished_before_build, read_resume, refuse_changed_settings, resume
 from finetune_cli.train.fit import fit
 from finetune_cli.train.mixing import make_mixer
-from finetune_cli.train.shutdown import Interrupted
+from finetune_cli.train.shutdown import Interrupted, StopAtOnce
 
 log = logging.getLogger("finetune_cli")
 
@@ -37,18 +37,21 @@ def run(
     """Returns the run's summary (also in ``out_dir/summary.json``). One process at a time runs
     in a folder; what an earlier one left half-saved is cleared first."""
     check(cfg)
-    with folder_lock(out_dir):
-        stale = remove_stale_temporaries(out_dir)
-        if stale:
-            log.info(f"Removed {len(stale)} temporary file(s) of a save that never finished: "
-                     f"{', '.join(p.name for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
-        return _run(cfg, out_dir, resolved, label, command)
+    with StopAtOnce(), folder_lock(out_dir):
+        recorder = Recorder(out_dir, command)
+        try:
+            stale = remove_stale_temporaries(out_dir)
+            if stale:
+                log.info(f"Removed {len(stale)} temporary file(s) of a save that never finished: "
+                         f"{', '.join(p.name for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
+            return _run(cfg, resolved, label, recorder)
+        except Interrupted as exc:  # a signal before the epochs (the epoch loop records its own)
+            raise recorder.interrupted(exc) from None
 
 
-def _run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[str], command: str
-         ) -> Dict[str, Any]:
+def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: Recorder) -> Dict[str, Any]:
+    out_dir = recorder.out_dir
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    recorder = Recorder(out_dir, command)
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, recorder)
     ckpt = None if cfg.plan else read_resume(cfg.trainer.resume, out_dir)
@@ -57,10 +60,7 @@ def _run(cfg: Config, out_dir: Path, resolved: Dict[str, Any], label: Optional[s
     if done:
         return already_finished(done.checkpoint, done.finished)
 
-    try:
-        parts = build(cfg, recorder, resolved, training=not cfg.plan)
-    except Interrupted as exc:  # during synthetic pretraining
-        raise recorder.interrupted(exc) from None
+    parts = build(cfg, recorder, resolved, training=not cfg.plan)
     summary = show_plan(cfg, parts, label, out_dir)
     if cfg.plan:
         return recorder.planned(summary, parts.splits.classes)

@@ -17,6 +17,16 @@ from rich.table import Table
 log = logging.getLogger("finetune_cli")
 
 
+def tolerant_streams() -> None:
+    """Printing never fails on a file name that is not valid UTF-8: its odd bytes show as escapes
+    (``\\udcff``) on the console, as they do in the log file."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # replaced by something that is not a text stream
+            pass
+
+
 # --- units ------------------------------------------------------------------------------------
 # What a person reads: accuracy (and any other 0-1 score) in percent with one decimal, the
 # difference between two accuracies in percentage points, a loss as a plain number. Files meant

@@ -8,6 +8,53 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `helpers` for tests in sub-folders too
 
+# The reliability figures (README, "Resuming and failures"): every test marked `fault` or
+# `bad_input` is one case; it passes only when the run survived with its files whole, or the input
+# was refused in one paragraph with no traceback. `kept` adds the bytes it compared.
+FIGURES = {"fault": [0, 0], "bad_input": [0, 0], "bytes_checked": 0, "bytes_lost": 0, "not_run": []}
+
+
+def pytest_runtest_logreport(report):
+    kind = next((k for k in ("fault", "bad_input") if k in report.keywords), None)
+    if kind is None:
+        return
+    if report.skipped:
+        FIGURES["not_run"].append(report.nodeid)
+    elif report.when == "call":
+        FIGURES[kind][0] += 1
+        FIGURES[kind][1] += report.passed
+
+
+def pytest_terminal_summary(terminalreporter):
+    (faults, survived), (inputs, rejected) = FIGURES["fault"], FIGURES["bad_input"]
+    if not faults and not inputs:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("Reliability figures")
+    write(f"  faults injected: {faults}; survived with nothing lost: {survived}")
+    write(f"  bad inputs tried: {inputs}; rejected with a clear message and no traceback: {rejected}")
+    write(f"  bytes of earlier files compared after a fault or a refusal: {FIGURES['bytes_checked']:,}; "
+          f"bytes lost: {FIGURES['bytes_lost']:,}")
+    if FIGURES["not_run"]:
+        write(f"  not run here ({len(FIGURES['not_run'])}): {', '.join(FIGURES['not_run'])}")
+
+
+@pytest.fixture
+def kept():
+    """``kept(before, run_dir)``: asserts that every file of ``before`` (``helpers.snapshot``) still
+    holds the same bytes, and counts them in the reliability figures."""
+    from helpers import snapshot
+
+    def check(before, run_dir):
+        after = snapshot(run_dir)
+        changed = [name for name, (data, _) in before.items() if name not in after or after[name][0] != data]
+        FIGURES["bytes_checked"] += sum(len(data) for data, _ in before.values())
+        FIGURES["bytes_lost"] += sum(len(before[name][0]) for name in changed)
+        assert not changed, f"changed or lost: {changed}"
+
+    return check
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

@@ -101,6 +101,7 @@ def test_strategy_sweep_lands_in_multirun_folders(tmp_path):
     assert "Sweep:" in proc.stdout  # the closing table of the sweep
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -133,6 +134,7 @@ def test_folder_names_are_path_safe_and_short():
     assert len(short.encode()) <= 120 and short != path_safe(long + "x")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "override, needle",
     [
@@ -184,6 +186,7 @@ def test_local_weights_file_with_a_different_head(tmp_path, finetune, caplog, fm
     assert state["fc.weight"].shape == (2, 512)  # head sized for the two classes
 
 
+@pytest.mark.bad_input
 def test_weights_file_of_another_architecture_names_the_keys(tmp_path):
     import torchvision
 
@@ -198,6 +201,7 @@ def test_weights_file_of_another_architecture_names_the_keys(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.fault
 def test_failed_download_names_the_remedies(tmp_path):
     """No silent fallback to random weights when the download fails (a closed proxy port
     makes it fail on any machine)."""
@@ -218,6 +222,7 @@ def test_failed_download_names_the_remedies(tmp_path):
     assert not (tmp_path / "outputs").exists()  # the download comes before the run folder
 
 
+@pytest.mark.fault
 def test_a_sweep_whose_weights_fail_to_download_makes_no_folder(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}

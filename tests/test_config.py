@@ -59,6 +59,7 @@ def test_defaults_and_user_keys():
     assert cfg.strategy.name == StrategyName.freeze_early
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -76,6 +77,7 @@ def test_bad_overrides_fail_naming_the_key(override, key):
     assert key.split(".")[-1] in text
 
 
+@pytest.mark.bad_input
 def test_appended_keys_outside_the_schema_are_rejected():
     from finetune_cli.checks import typed_config
     from finetune_cli.errors import FinetuneError
@@ -84,6 +86,7 @@ def test_appended_keys_outside_the_schema_are_rejected():
         typed_config(_compose(["+data.extra=1", "+trainer.foo=2"]))
 
 
+@pytest.mark.bad_input
 def test_unknown_group_option_fails():
     with pytest.raises(Exception, match="Could not find 'model/resnet9000'"):
         _compose(["model=resnet9000"])
@@ -95,6 +98,7 @@ def test_quickstart_experiment_is_offline():
     assert problems(cfg) == []
 
 
+@pytest.mark.bad_input
 def test_semantic_problems_are_all_reported(tmp_path):
     cfg = OmegaConf.to_object(
         _compose(["model.name=resnet19", "data.root=" + str(tmp_path / "missing"), "optimizer.lr=0", "data.num_workers=many"])
@@ -112,6 +116,7 @@ def test_unique_dir_never_reuses_a_folder(tmp_path):
     assert Path(second).name == "10-00-00-2"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "override, needle",
     [

@@ -66,6 +66,7 @@ def test_stratified_split_without_val_folder(tmp_path):
     assert sorted(train_idx + val_idx) == [0, 1, 2] and 2 in train_idx  # a single image stays in train
 
 
+@pytest.mark.bad_input
 def test_layout_errors_name_the_problem(tmp_path):
     with pytest.raises(FinetuneError, match="does not exist"):
         image_folder_splits(tmp_path / "nope", None, None, val_fraction=0.2, seed=0)
@@ -124,6 +125,7 @@ def _linked_folder(tmp_path):
     return root, root / "train"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "link, target, why",
     [
@@ -164,6 +166,7 @@ def test_the_check_and_the_dataset_list_the_same_files_through_allowed_links(tmp
     assert len(listed["ants"]) == 4 and len(listed["bees"]) == 4 and len(listed["wasps"]) == 4
 
 
+@pytest.mark.bad_input
 def test_a_bad_image_behind_a_linked_class_folder_is_caught_by_the_check(tmp_path, finetune):
     root, train = _linked_folder(tmp_path)
     pool = make_image_folder(tmp_path / "pool", classes=("wasps",), per_class=3, val=False) / "train" / "wasps"
@@ -176,12 +179,14 @@ def test_a_bad_image_behind_a_linked_class_folder_is_caught_by_the_check(tmp_pat
     assert "wasps/2.png" in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_a_single_class_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "one", classes=("only",), per_class=4)
     with pytest.raises(FinetuneError, match="one class folder \\(only\\): a classifier needs two classes or more"):
         image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
 
 
+@pytest.mark.bad_input
 def test_a_class_with_one_image_and_no_val_folder_is_named(tmp_path, caplog):
     root = make_image_folder(tmp_path / "few", classes=("ants", "bees", "wasps"), per_class=5, val=False)
     for extra in ("1.png", "2.png", "3.png", "4.png"):
@@ -191,6 +196,7 @@ def test_a_class_with_one_image_and_no_val_folder_is_named(tmp_path, caplog):
     assert "1 of 3 classes have a single image" in caplog.text and ": wasps." in caplog.text
 
 
+@pytest.mark.bad_input
 def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, monkeypatch):
     import os
 
@@ -208,6 +214,7 @@ def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, monkeypa
         image_folder_splits(root, lambda x: x, lambda x: x, val_fraction=0.2, seed=0)
 
 
+@pytest.mark.bad_input
 def test_data_root_pointing_at_a_file_says_so(tmp_path):
     from omegaconf import OmegaConf
 

@@ -2,7 +2,7 @@
 
 Finds, by path: 0-byte files, files Pillow cannot read, truncated images, and images larger than
 ``data.max_image_pixels`` (decompression bombs; judged from the header, never decoded). Verdicts
-are cached per file (path, size, modification time) so a sweep checks each file once.
+are cached per file (path, size, modification and change times) so a sweep checks each file once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 
 from finetune_cli.io_utils import atomic_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the stamp holds the change time (a chmod changes it, not the mtime)
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _verdict(path: str, max_pixels: int) -> str:
 
 def _stamp(path: str) -> List[int]:
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def check_images(files: Iterable[str], max_pixels: int, cache: Path, workers: int = 0) -> CheckResult:

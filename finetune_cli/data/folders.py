@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import FinetuneError, unreadable_image
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,20 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
-def load_rgb(path: str, min_side: Optional[int] = None) -> Image.Image:
+def allow_pixels(max_pixels: Optional[int]) -> None:
+    """Let Pillow open images of up to ``max_pixels`` (data.max_image_pixels): Pillow refuses
+    twice its own limit even where the data check, judging by data.max_image_pixels, passed them."""
+    if max_pixels and Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def load_rgb(path: str, min_side: Optional[int] = None, max_pixels: Optional[int] = None) -> Image.Image:
     """Open any image mode (grayscale, palette/GIF, RGBA, CMYK, 16-bit) as upright RGB.
 
     ``min_side``: a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale (the smallest
-    whose sides are still at least ``min_side``), which skips most of the decoding work."""
+    whose sides are still at least ``min_side``), which skips most of the decoding work.
+    ``max_pixels``: the largest image accepted (see ``allow_pixels``)."""
+    allow_pixels(max_pixels)
     with Image.open(path) as img:
         if min_side and img.format == "JPEG":
             img.draft("RGB", (min_side, min_side))
@@ -138,11 +147,26 @@ class ListedImageFolder(ImageFolder):
     def make_dataset(self, directory: str, class_to_idx: Dict[str, int], *args: Any, **kwargs: Any) -> list:
         return [(path, class_to_idx[c]) for c in class_to_idx for path in self._files[c]]
 
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        """An image that fails to load is named in one paragraph (``UnreadableImage``), also
+        from a loader worker."""
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise unreadable_image(path, exc) from None
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
 
 def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset(),
-                 min_side: Optional[int] = None) -> ImageFolder:
+                 min_side: Optional[int] = None, max_pixels: Optional[int] = None) -> ImageFolder:
     """``root/<class>/*`` images, read as RGB, leaving out the paths in ``exclude``; JPEGs are
-    decoded at reduced scale down to ``min_side`` (None: full size)."""
+    decoded at reduced scale down to ``min_side`` (None: full size); images of up to
+    ``max_pixels`` open (None: Pillow's own limit)."""
     files = class_files(root)
     empty = [c for c, fs in files.items() if not [f for f in fs if f not in exclude]]
     if empty:
@@ -151,7 +175,7 @@ def image_folder(root: Path, transform: Callable, exclude: frozenset = frozenset
             f"Empty class folder(s) in {root}{skipped}: {', '.join(str(Path(root) / c) for c in empty)}. Add images "
             f"({', '.join(EXTENSIONS)}) or remove the folder(s)."
         )
-    loader = functools.partial(load_rgb, min_side=min_side) if min_side else load_rgb
+    loader = functools.partial(load_rgb, min_side=min_side, max_pixels=max_pixels) if min_side or max_pixels else load_rgb
     kept = {c: [f for f in fs if f not in exclude] for c, fs in files.items()}
     return ListedImageFolder(root, kept, transform, loader)
 
@@ -204,9 +228,10 @@ def image_folder_splits(
     seed: int,
     exclude: frozenset = frozenset(),
     decode_sides: Tuple[Optional[int], Optional[int]] = (None, None),
+    max_pixels: Optional[int] = None,
 ) -> Splits:
     """``decode_sides``: the smallest image side the train and the val transform need (None:
-    decode at full size)."""
+    decode at full size). ``max_pixels``: the largest image that opens (data.max_image_pixels)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FinetuneError(
@@ -221,7 +246,7 @@ def image_folder_splits(
             f"{root}/val/<class>/*."
         )
     train_side, val_side = decode_sides
-    train_full = image_folder(train_dir, train_tf, exclude, train_side)
+    train_full = image_folder(train_dir, train_tf, exclude, train_side, max_pixels)
     classes = list(train_full.classes)
     if len(classes) < 2:
         raise FinetuneError(
@@ -231,7 +256,7 @@ def image_folder_splits(
         )
     val_dir = root / "val"
     if val_dir.is_dir():
-        val = image_folder(val_dir, val_tf, exclude, val_side)
+        val = image_folder(val_dir, val_tf, exclude, val_side, max_pixels)
         if list(val.classes) != classes:
             only_train = sorted(set(classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(classes))
@@ -250,7 +275,7 @@ def image_folder_splits(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "
             "more images per class."
         )
-    val_full = image_folder(train_dir, val_tf, exclude, val_side)
+    val_full = image_folder(train_dir, val_tf, exclude, val_side, max_pixels)
     return Splits(
         Subset(train_full, train_idx),
         Subset(val_full, val_idx),

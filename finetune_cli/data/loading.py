@@ -56,5 +56,5 @@ def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: in
     sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
     return image_folder_splits(
         root, train_transform(pre, augment), eval_transform(pre), val_fraction=cfg.val_fraction, seed=seed,
-        exclude=exclude, decode_sides=sides,
+        exclude=exclude, decode_sides=sides, max_pixels=cfg.max_image_pixels,
     )

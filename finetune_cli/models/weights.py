@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision.models import get_model_weights
 
-from finetune_cli.errors import FinetuneError
+from finetune_cli.errors import FinetuneError, Truncated
 from finetune_cli.io_utils import safe_torch_load
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
@@ -116,7 +116,16 @@ def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), None
+        try:
+            return load_file(str(path)), None
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors raises its own SafetensorError on a damaged header
+            raise Truncated(
+                f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:100]}): it is corrupt, "
+                "cut short, or another format under a .safetensors name. Use another copy, or save the weights "
+                "again with safetensors.torch.save_file."
+            ) from None
     obj = safe_torch_load(path)
     apart = None
     if isinstance(obj, dict) and isinstance(obj.get("source_head"), dict):

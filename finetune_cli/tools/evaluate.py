@@ -17,10 +17,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finetune_cli.data.folders import image_folder, make_loader
+from finetune_cli.config import DataConfig
+from finetune_cli.data.checks import check_images, describe
+from finetune_cli.data.folders import class_files, image_folder, make_loader
 from finetune_cli.data.transforms import decode_side, eval_transform
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_json, atomic_write_bytes
+from finetune_cli.paths import cache_dir
 from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
@@ -28,10 +31,28 @@ from finetune_cli.train.engine import split_outputs
 from finetune_cli.ui import pct
 
 
-def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device) -> Dict[str, Any]:
+def checked_out(folder: Path, skip_bad: bool) -> frozenset:
+    """Every image of ``folder`` opened once, as a training run's data check does: the bad ones
+    are refused by path, or left out with ``skip_bad`` (and counted in the result)."""
+    files = [f for fs in class_files(folder).values() for f in fs]
+    result = check_images(files, DataConfig.max_image_pixels, cache_dir())
+    if result.bad and not skip_bad:
+        raise FinetuneError(
+            f"{len(result.bad)} of {result.checked} images under {folder} cannot be used:\n{describe(result.bad)}\n"
+            "Fix or delete them, or pass --skip-bad-images to evaluate without them. Nothing was written."
+        )
+    if result.bad:
+        print(f"Leaving out {len(result.bad)} of {result.checked} images that cannot be used:\n{describe(result.bad)}",
+              file=sys.stderr)
+    return frozenset(result.bad)
+
+
+def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: int, device: torch.device,
+                    skip_bad: bool = False) -> Dict[str, Any]:
     if not folder.is_dir():
         raise FinetuneError(f"{folder} does not exist: give a folder holding one sub-folder of images per class.")
-    data = image_folder(folder, eval_transform(loaded.preprocess), min_side=decode_side(loaded.preprocess))
+    left_out = checked_out(folder, skip_bad)
+    data = image_folder(folder, eval_transform(loaded.preprocess), left_out, min_side=decode_side(loaded.preprocess))
     unknown = sorted(set(data.classes) - set(loaded.classes))
     if unknown:
         raise FinetuneError(
@@ -62,6 +83,7 @@ def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: i
         "checkpoint": str(loaded.path),
         "folder": str(folder),
         "images": total,
+        "images_left_out": len(left_out),
         "accuracy": float(tp.sum() / max(total, 1)),
         "top5_accuracy": top5_hits / max(total, 1) if n > 5 else None,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
@@ -178,10 +200,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="where metrics.json and confusion.png go (default: RUN/eval-<DIR name>)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out images that cannot be read (default: refuse the folder, naming them)")
     args = parser.parse_args(argv)
     device = pick_device(args.device, option="--device")
     loaded = load_for_inference(args.checkpoint, device)
-    result = evaluate_folder(loaded, args.folder, batch_size=args.batch_size, workers=args.workers, device=device)
+    result = evaluate_folder(loaded, args.folder, batch_size=args.batch_size, workers=args.workers, device=device,
+                             skip_bad=args.skip_bad_images)
     out = args.out_dir or (loaded.run_dir or Path.cwd()) / f"eval-{args.folder.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_json(result, out / "metrics.json")

@@ -78,10 +78,20 @@ def tool_main(fn: Callable[..., int]) -> Callable[..., int]:
 
     @functools.wraps(fn)
     def wrapper(argv: Optional[List[str]] = None) -> int:
+        from finetune_cli.errors import storage_problem
+        from finetune_cli.ui import tolerant_streams
+
+        tolerant_streams()
         try:
             return fn(argv)
         except FinetuneError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a full disk, a read-only or forbidden folder
+            problem = storage_problem(exc)
+            if problem is None:
+                raise
+            print(f"error: {problem}", file=sys.stderr)
             return 2
 
     return wrapper

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from finetune_cli.data.folders import EXTENSIONS, is_image, load_rgb
 from finetune_cli.data.transforms import decode_side, eval_transform
 from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_json, atomic_write_bytes
+from finetune_cli.io_utils import atomic_json, atomic_write_bytes, text_bytes
 from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import load_for_inference, run_dir_of, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
@@ -117,7 +117,7 @@ def write_outputs(rows: List[Dict[str, Any]], out: Path, k: int) -> None:
         for r, t in enumerate(row["top"], 1):
             flat[f"class{r}"], flat[f"prob{r}"] = t["class"], f"{t['prob']:.6f}"
         writer.writerow(flat)
-    atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "predictions.csv", text_bytes(buf.getvalue()))
 
 
 @tool_main

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_write_bytes
+from finetune_cli.io_utils import atomic_write_bytes, text_bytes
 from finetune_cli.tools.loading import tool_main
 from finetune_cli.tools.plots import write_plots
 from finetune_cli.tools.table import (
@@ -93,7 +93,7 @@ def write_tables(runs: List[Run], out: Path) -> None:
     writer.writeheader()
     for r in runs:
         writer.writerow({k: ("" if r.row.get(k) is None else r.row.get(k)) for k in COLUMNS})
-    atomic_write_bytes(out / "report.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "report.csv", text_bytes(buf.getvalue()))
     shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch", "final_train_acc",
              "train_val_gap", "epochs_run", "total_seconds", "seconds_per_epoch", "images_per_s", "trainable_pct",
              "peak_memory_mb", "grad_optimizer_mb", "feature_cache"]
@@ -110,7 +110,7 @@ def write_tables(runs: List[Run], out: Path) -> None:
     if failed:
         lines += ["", "Failed or incomplete runs:", ""]
         lines += [f"- `{r.row['run']}`: {r.row['error']}" for r in failed]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(out / "report.md", text_bytes("\n".join(lines) + "\n"))
 
 
 def failed_or_unscored(r: Run) -> bool:

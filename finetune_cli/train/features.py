@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from finetune_cli.config import BNMode
 from finetune_cli.errors import FinetuneError
-from finetune_cli.io_utils import atomic_torch_save, safe_torch_load
+from finetune_cli.io_utils import atomic_torch_save, safe_torch_load, text_bytes
 from finetune_cli.models.tail import Tail
 from finetune_cli.train.engine import Precision, split_outputs
 from finetune_cli.train.freezing import is_stochastic
@@ -143,8 +143,8 @@ def cache_key(model: nn.Module, tail: Tail, dataset: Dataset, precision: Precisi
     samples, how = _samples(dataset)
     for path, target in samples:
         st = os.stat(path)
-        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{target}\n".encode())
-    h.update(how.encode())
+        h.update(text_bytes(f"{path}|{st.st_size}|{st.st_mtime_ns}|{target}\n"))
+    h.update(text_bytes(how))
     h.update(f"{type(model).__name__}|{tail.path}|{precision.name}".encode())
     return h.hexdigest()[:20]
 

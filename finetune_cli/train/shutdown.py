@@ -15,8 +15,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, epoch: int, stage: str = "epoch"):
-        super().__init__(f"{signal.Signals(signum).name} during {stage} {epoch}")
+    """``stage="setup"``: before the first epoch (data check, model, feature extraction)."""
+
+    def __init__(self, signum: int, epoch: int = 0, stage: str = "epoch"):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} during setup, before training" if stage == "setup" else f"{name} during {stage} {epoch}")
         self.signum, self.epoch = signum, epoch
 
     @property
@@ -51,6 +54,29 @@ class GracefulStop:
         )
 
     def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class StopAtOnce:
+    """Before the epochs, where there is no step to finish: SIGTERM or Ctrl-C raises
+    ``Interrupted`` (stage "setup") at once, so the run still records how it ended. The epoch loop
+    and the synthetic pretraining install ``GracefulStop`` inside it."""
+
+    def __init__(self) -> None:
+        self._previous: Dict[int, Any] = {}
+
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, stage="setup")
+
+    def __enter__(self) -> "StopAtOnce":
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -28,6 +28,7 @@ def _dirty_folder(root):
     return root
 
 
+@pytest.mark.bad_input
 def test_bad_images_are_listed_by_path_before_training(tmp_path):
     root = _dirty_folder(tmp_path / "data")
     proc = cli([*RUN, f"data.root={root}", "data.max_image_pixels=50000"], tmp_path)
@@ -43,6 +44,7 @@ def test_bad_images_are_listed_by_path_before_training(tmp_path):
     assert not (run / "checkpoints").exists() and json.loads((run / "summary.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.bad_input
 def test_skip_leaves_bad_images_out_and_lists_them(tmp_path, finetune, caplog):
     root = _dirty_folder(tmp_path / "data")
     _, run = finetune(*RUN, f"data.root={root}", "data.max_image_pixels=50000", "data.on_bad_image=skip")
@@ -53,6 +55,7 @@ def test_skip_leaves_bad_images_out_and_lists_them(tmp_path, finetune, caplog):
     assert summary["dataset"]["train_images"] == 8 and summary["status"] == "completed"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "layout, needle",
     [
@@ -82,6 +85,7 @@ def test_folder_layout_errors(tmp_path, layout, needle):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "override, needle",
     [
@@ -116,6 +120,7 @@ def test_bad_override_in_every_group_exits_before_any_folder(tmp_path, override,
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.fault
 def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path):
     import subprocess
     import sys
@@ -135,6 +140,7 @@ def test_one_failing_sweep_job_keeps_the_others_and_the_report_lists_it(tmp_path
     assert len(failed) == 1 and ("became nan" in failed[0]["error"] or "became inf" in failed[0]["error"])
 
 
+@pytest.mark.fault
 def test_report_survives_broken_run_folders_and_names_failed_jobs_choices(tmp_path, finetune):
     """One bad run folder (a list or null summary.json, a binary metrics.csv) once made the
     report exit 1 with a traceback; failed jobs showed model and strategy as "-"."""

@@ -16,6 +16,7 @@ from finetune_cli.train.checkpoint import resolve_checkpoint
 from helpers import cli
 
 
+@pytest.mark.fault
 def test_a_save_failing_midway_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     io_utils.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
@@ -58,6 +59,7 @@ def _malicious(tmp_path, kind):
     return path, sentinel
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("kind", ["torch.save", pytest.param("pickle", marks=pytest.mark.slow)])
 def test_a_malicious_pickle_is_refused_everywhere(tmp_path, kind):
     path, sentinel = _malicious(tmp_path, kind)
@@ -73,6 +75,7 @@ def test_a_malicious_pickle_is_refused_everywhere(tmp_path, kind):
     assert not sentinel.exists()
 
 
+@pytest.mark.fault
 def test_nan_loss_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, finetune, caplog, monkeypatch):
     from finetune_cli import checks
 

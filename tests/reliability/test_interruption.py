@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from helpers import cli
+
+pytestmark = pytest.mark.fault
 
 # epochs long enough (200 images in batches of 32) that a signal sent after one epoch's line lands in the next
 COMMON = ["debug=tiny", "model.weights=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10",

@@ -23,6 +23,7 @@ def test_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
 
 
+@pytest.mark.fault
 def test_stale_temporaries_of_an_unfinished_save_are_removed_at_the_next_start(finetune, caplog):
     _, run = finetune(*TINY, "trainer.epochs=2")
     stale = run / "checkpoints" / ".last.pt.k3j2l1.tmp"
@@ -31,6 +32,7 @@ def test_stale_temporaries_of_an_unfinished_save_are_removed_at_the_next_start(f
     assert not stale.exists() and "Removed 1 temporary file(s) of a save that never finished" in caplog.text
 
 
+@pytest.mark.fault
 def test_a_truncated_checkpoint_is_named_as_such(tmp_path, finetune):
     _, run = finetune(*TINY)
     last = run / "checkpoints" / "last.pt"
@@ -40,6 +42,7 @@ def test_a_truncated_checkpoint_is_named_as_such(tmp_path, finetune):
     assert "Refused" not in str(info.value)
 
 
+@pytest.mark.fault
 def test_resume_auto_falls_back_from_a_truncated_last_checkpoint(finetune, caplog):
     summary, run = finetune(*TINY, "trainer.epochs=3", "trainer.save_every=1")
     ckpts = run / "checkpoints"
@@ -51,10 +54,12 @@ def test_resume_auto_falls_back_from_a_truncated_last_checkpoint(finetune, caplo
     assert again["status"] == "completed" and again["epochs_run"] == 3
 
 
-def test_a_run_in_a_locked_folder_is_refused_and_changes_nothing(finetune):
+@pytest.mark.fault
+def test_a_run_in_a_locked_folder_is_refused_and_changes_nothing(finetune, kept):
     _, run = finetune(*TINY)
     before = snapshot(run)
     with folder_lock(run):  # another process holding the folder
         with pytest.raises(Refused, match="Another finetune-cli process is running in"):
             finetune(*TINY, "trainer.resume=auto", out_dir=run)
+    kept(before, run)
     assert snapshot(run) == before
