@@ -12,16 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any, List
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_cli.config import Config, DataSource, Device, RegularizerName
-from finetune_cli.data.folders import resolve_workers
-from finetune_cli.data.synthetic import class_pool
+from finetune_cli.config import RANDOM_NAMES, Config, DataSource, Device, RegularizerName
 from finetune_cli.errors import FinetuneError
-from finetune_cli.models.factory import check_model_name
-from finetune_cli.models.weights import RANDOM_NAMES, resolve_weights
-from finetune_cli.train.features import parse_switch
+
+# The settings' own checks import neither torch nor torchvision (about 5 s): a mistyped number is
+# answered at once. Only what needs them (model and weights names, the GPU) imports them.
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[str]:
@@ -53,8 +50,13 @@ def typed_config(cfg: DictConfig) -> Config:
 
 def problems(cfg: Config) -> List[str]:
     """Every problem found in the config, each a sentence naming the key and the remedy."""
-    return (_setup_problems(cfg) + _data_problems(cfg) + _augment_problems(cfg) + _training_problems(cfg)
-            + patience_problems(cfg) + range_problems(cfg))
+    return _setup_problems(cfg) + settings_problems(cfg)
+
+
+def settings_problems(cfg: Config) -> List[str]:
+    """The problems found without torch: paths, ranges, probabilities, patiences."""
+    return (_data_problems(cfg) + _augment_problems(cfg) + _training_problems(cfg) + patience_problems(cfg)
+            + range_problems(cfg))
 
 
 INF = math.inf
@@ -114,6 +116,14 @@ def range_problems(cfg: Config) -> List[str]:
 
 
 def _setup_problems(cfg: Config) -> List[str]:
+    """What needs torch or torchvision: model and weights names, loader workers, the GPU."""
+    import torch
+
+    from finetune_cli.data.folders import resolve_workers
+    from finetune_cli.models.factory import check_model_name
+    from finetune_cli.models.weights import resolve_weights
+    from finetune_cli.train.features import parse_switch
+
     found: List[str] = []
 
     def attempt(fn) -> None:
@@ -157,6 +167,8 @@ def _data_problems(cfg: Config) -> List[str]:
         elif not Path(data.root).expanduser().is_dir():
             found.append(f"data.root={data.root} does not exist (relative paths start at {Path.cwd()}).")
     else:
+        from finetune_cli.data.synthetic import class_pool
+
         limit = len(class_pool("target"))
         if not 2 <= data.synthetic.classes <= limit:
             found.append(f"data.synthetic.classes must be between 2 and {limit} (got {data.synthetic.classes}).")
@@ -233,7 +245,9 @@ def patience_problems(cfg: Config) -> List[str]:
 
 
 def check(cfg: Config) -> None:
-    found = problems(cfg)
+    """Raise one ``FinetuneError`` listing every problem: the settings' own first, without
+    importing torch, then (when those pass) what needs it."""
+    found = settings_problems(cfg) or _setup_problems(cfg)
     if len(found) == 1:
         raise FinetuneError(f"Invalid configuration: {found[0]}")
     if found:

@@ -98,12 +98,13 @@ class RunHooks(Callback):
 def ready_to_run(cfg: Config) -> None:
     """What can fail before a run folder exists, done before it is made: the settings' checks
     (against the architecture too: group counts, a weights file's fit), and the download of pretrained weights (never for a plan or a preview, which download nothing)."""
+    from finetune_cli.checks import check
+
+    check(cfg)  # the settings' own checks first: they need no torch, so a mistake is answered at once
     from finetune_cli import ui
     from finetune_cli.build import check_against_model
-    from finetune_cli.checks import check
     from finetune_cli.models.weights import fetch_ahead
 
-    check(cfg)
     check_against_model(cfg)
     if not cfg.plan and cfg.preview.value == "off":
         fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+RANDOM_NAMES = ("null", "none", "random")  # model.weights values that mean random init
 
 class StrategyName(str, Enum):
     linear_probe = "linear_probe"  # the head only

@@ -58,6 +58,32 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def waiting_lock(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Hold an OS lock on ``lock_file``, waiting for another process that holds it (two sweep
+    jobs pretraining the same weights: the second waits, then finds the first's file).
+    ``waiting`` is logged when there is a wait."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            import logging
+
+            logging.getLogger("finetune_cli").info(waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(folder: Path) -> List[Path]:
     """Temporary files of saves that never finished (``kill -9`` or a second signal mid-save),
     removed from ``folder`` and its checkpoints/. Only call it holding the folder's lock."""

@@ -58,7 +58,14 @@ def kept():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache (synthetic datasets and weights) shared by every test of the session."""
+    """One cache (synthetic datasets and weights) shared by every test of the session, and by
+    the session's parallel workers (pytest -n): pretraining waits on the cache's own lock."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("cache")
 
 

@@ -196,9 +196,10 @@ def test_weights_file_of_another_architecture_names_the_keys(tmp_path):
     proc = cli(["debug=tiny", "data=imagefolder", f"data.root={root}", "model=resnet50", f"model.weights={path}"],
                tmp_path)
     assert proc.returncode == 1
-    assert "does not fit" in proc.stdout and "shape mismatch: conv1.weight" not in proc.stdout
-    assert "layer1.0.conv3.weight" in proc.stdout  # a resnet50 key the file lacks
+    assert "does not fit" in proc.stderr and "shape mismatch: conv1.weight" not in proc.stderr
+    assert "layer1.0.conv3.weight" in proc.stderr  # a resnet50 key the file lacks
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists()  # found before the run folder was made
 
 
 @pytest.mark.fault

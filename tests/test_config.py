@@ -140,3 +140,28 @@ def test_nonsense_numbers_are_refused_naming_key_and_range(override, needle):
     22.9 to 182; gamma=-1 gave a negative LR)."""
     found = "\n".join(problems(OmegaConf.to_object(_compose(["data=synthetic", override]))))
     assert needle in found, found
+
+
+def test_a_mistyped_number_is_answered_without_importing_torch(tmp_path):
+    """torch and torchvision take about 5 s to import: the settings' own checks need neither."""
+    code = (
+        "import sys\n"
+        "from finetune_cli.cli import ready_to_run\n"
+        "from finetune_cli.checks import typed_config\n"
+        "from finetune_cli.errors import FinetuneError\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from finetune_cli.paths import conf_dir\n"
+        "with initialize_config_dir(config_dir=str(conf_dir()), version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['data=synthetic', 'trainer.epochs=0'])\n"
+        "try:\n"
+        "    ready_to_run(typed_config(cfg))\n"
+        "except FinetuneError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout
+    assert "refused: Invalid configuration: trainer.epochs must be greater than 0" in out
+    assert "torch imported: False" in out

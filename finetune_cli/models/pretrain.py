@@ -24,7 +24,7 @@ from finetune_cli.config import AugmentConfig, AugmentName, Monitor, ScheduleCon
 from finetune_cli.data.folders import image_folder_splits, make_loader
 from finetune_cli.data.synthetic import SyntheticSpec, generate
 from finetune_cli.data.transforms import eval_transform, train_transform
-from finetune_cli.io_utils import atomic_torch_save
+from finetune_cli.io_utils import atomic_torch_save, waiting_lock
 from finetune_cli.models.factory import create_model, head_prefixes, preprocess_for, smallest_input
 from finetune_cli.models.weights import WeightsChoice
 from finetune_cli.train.engine import Precision, evaluate, train_one_epoch
@@ -103,6 +103,16 @@ def synthetic_weights(
     path = synthetic_weights_path(cache, model_name)
     if path.is_file():
         return path
+    with waiting_lock(path.with_name(path.name + ".lock"), f"Waiting for another process pretraining {model_name} "
+                      f"(it holds {path}.lock); its weights will be used."):
+        if path.is_file():
+            return path
+        return _pretrain(model_name, path, device, precision, num_workers, progress)
+
+
+def _pretrain(model_name: str, path: Path, device: torch.device, precision: Precision, num_workers: int,
+              progress: bool) -> Path:
+    cache = path.parent.parent
     image_size = pretrain_size(model_name)
     spec = SyntheticSpec(task="source", image_size=image_size, **SOURCE)
     log.info(

@@ -11,11 +11,11 @@ from urllib.parse import urlparse
 import torch
 from torchvision.models import get_model_weights
 
+from finetune_cli.config import RANDOM_NAMES
 from finetune_cli.errors import FinetuneError, Truncated
 from finetune_cli.io_utils import safe_torch_load
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
-RANDOM_NAMES = ("null", "none", "random")
 
 
 @dataclass(frozen=True)
