@@ -29,11 +29,15 @@ smoke: install  # seconds: the whole pipeline on a few tiny synthetic images
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two test processes, one torch thread each: on 2 cores the suite takes about 20% less time than
+# one process with two threads (most tests are small models where one thread is as fast).
+TEST_PROCESSES ?= 2
+
 test: lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_PROCESSES)
 
 test-all: lint
-	$(PY) -m pytest -m ''
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_PROCESSES) -m ''
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

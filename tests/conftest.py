@@ -15,6 +15,9 @@ FIGURES = {"fault": [0, 0], "bad_input": [0, 0], "bytes_checked": 0, "bytes_lost
 
 
 def pytest_runtest_logreport(report):
+    for name, value in report.user_properties if report.when == "call" else ():  # `kept`'s, from any worker
+        if name in ("bytes_checked", "bytes_lost"):
+            FIGURES[name] += value
     kind = next((k for k in ("fault", "bad_input") if k in report.keywords), None)
     if kind is None:
         return
@@ -41,7 +44,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
-def kept():
+def kept(request):
     """``kept(before, run_dir)``: asserts that every file of ``before`` (``helpers.snapshot``) still
     holds the same bytes, and counts them in the reliability figures."""
     from helpers import snapshot
@@ -49,8 +52,8 @@ def kept():
     def check(before, run_dir):
         after = snapshot(run_dir)
         changed = [name for name, (data, _) in before.items() if name not in after or after[name][0] != data]
-        FIGURES["bytes_checked"] += sum(len(data) for data, _ in before.values())
-        FIGURES["bytes_lost"] += sum(len(before[name][0]) for name in changed)
+        request.node.user_properties.append(("bytes_checked", sum(len(data) for data, _ in before.values())))
+        request.node.user_properties.append(("bytes_lost", sum(len(before[name][0]) for name in changed)))
         assert not changed, f"changed or lost: {changed}"
 
     return check

@@ -142,12 +142,12 @@ def test_folder_names_are_path_safe_and_short():
         ("trainer.epoch=3", "trainer.epoch"),
         ("strategy=nonsense", "strategy/nonsense"),
         ("+data.extra=1", "data.extra"),
-        ("model.name=resnet19", "Did you mean resnet18"),
+        ("data=synthetic model.name=resnet19", "Did you mean resnet18"),
         ("data.root=does/not/exist", "does not exist"),
     ],
 )
 def test_bad_input_exits_before_any_folder(tmp_path, override, needle):
-    proc = cli([override], tmp_path)
+    proc = cli(override.split(), tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
