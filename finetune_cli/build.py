@@ -36,6 +36,7 @@ from finetune_cli.train.optim import Schedule, build_optimizer, layerwise_lrs, p
 from finetune_cli.train.recipe import Recipe, resolve
 from finetune_cli.train.regularizers import AnchorPenalty, backbone_params, fisher_with_source_head
 from finetune_cli.train.strategies import Controller
+from finetune_cli.world import World, from_env, join
 
 log = logging.getLogger("finetune_cli")
 
@@ -50,6 +51,7 @@ class Env:
     workers: int
     progress: bool
     cache: Path
+    world: World = World()  # this process among the run's processes (data-parallel training)
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,20 @@ class Parts:
 
 
 def environment(cfg: Config) -> Env:
+    world = from_env()
     device = pick_device(cfg.trainer.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    join(world, device.type)
     reset_peak_memory(device)  # this run's peak, not the process's (a sweep runs jobs in one process)
     return Env(
         device=device,
         precision=pick_precision(cfg.trainer.amp, device),
         channels_last=speed_switches(device, cfg.trainer.deterministic, cfg.trainer.channels_last),
         workers=resolve_workers(cfg.data.num_workers),
-        progress=ui.interactive(),
+        progress=ui.interactive() and world.main,
         cache=cache_dir(cfg.cache_dir),
+        world=world,
     )
 
 
@@ -238,9 +245,11 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
                                                             anchored=[p for _, p in backbone]),
                                 fused=env.device.type == "cuda")
 
-    bs, pin = cfg.data.batch_size, env.device.type == "cuda"
-    train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed, pin_memory=pin)
-    val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed, pin_memory=pin)
+    bs, pin, w = cfg.data.batch_size, env.device.type == "cuda", env.world
+    train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed,
+                               pin_memory=pin, rank=w.rank, size=w.size)
+    val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed,
+                             pin_memory=pin, rank=w.rank, size=w.size)
     schedule_cfg, schedule_note = schedule_config(cfg)
     schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
     schedule.set_multiplier(controller.lr_mult)  # the first stage's

@@ -221,6 +221,10 @@ def _training_problems(cfg: Config) -> List[str]:
             f"which needs pretrained weights with their classifier; model.weights={cfg.model.weights} is random init. "
             "Give pretrained weights (DEFAULT, a file, synthetic), or use regularizer=l2sp."
         )
+    devices = str(cfg.trainer.devices).strip().lower()
+    if devices != "auto" and not (devices.isdigit() and int(devices) >= 1):
+        found.append(f"trainer.devices={cfg.trainer.devices}: give the number of processes (1 or more, one per GPU), "
+                     "or auto for every visible GPU.")
     if not 0 <= reg.strength < math.inf:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():

@@ -168,6 +168,35 @@ def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> O
     return "\n".join(lines)
 
 
+def _run_as_processes(n: int, hc: Any, out_dir: Path) -> None:
+    """trainer.devices=N: the same run as N processes in this run's folder (which Hydra made here,
+    with its .hydra/ record): each runs this command with the folder named, and rank 0 writes."""
+    from finetune_cli import world
+
+    own = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode=", "hydra.output_subdir="))]
+    argv = [*own, *hc.overrides.task, f"hydra.run.dir={out_dir}", "hydra.output_subdir=null"]
+    log.info(f"Starting {n} processes (trainer.devices={n}); rank 0 writes the run's files.")
+    code = world.launch(n, argv)
+    if code:
+        raise SystemExit(code)
+
+
+def _shared_folder(argv: Sequence[str]) -> list:
+    """Under torchrun or srun, every process runs this command: rank 0 makes the dated run folder
+    and tells the others, so that one run has one folder (Hydra would make one per process)."""
+    from finetune_cli import world
+
+    here = world.from_env()
+    if not here.distributed or any(a.startswith("hydra.run.dir=") for a in argv) or "-m" in argv or "--multirun" in argv:
+        return list(argv)
+    import time
+
+    world.join(here)
+    folder = unique_dir(time.strftime("outputs/%Y-%m-%d/%H-%M-%S")) if here.main else None
+    folder = world.from_main(folder)
+    return [*argv, f"hydra.run.dir={folder}"] + ([] if here.main else ["hydra.output_subdir=null"])
+
+
 def _without_hydra(config: DictConfig) -> DictConfig:
     cfg = copy.deepcopy(config)
     with open_dict(cfg):
@@ -219,6 +248,7 @@ def main() -> None:
     if problem:
         print(problem, file=sys.stderr)
         raise SystemExit(1)
+    sys.argv[1:] = _shared_folder(sys.argv[1:])
     try:
         hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a run records its own interruption)
@@ -230,33 +260,43 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
+    from finetune_cli import world
     from finetune_cli.checks import typed_config
     from finetune_cli.record import mark_failed
     from finetune_cli.run import run
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    here = world.from_env()
+    world.quiet_unless_main(here)
     overrides = " ".join(hc.overrides.task) or "(none)"
     log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
+    typed = typed_config(cfg)
+    if not here.distributed and not typed.plan and typed.preview.value == "off":
+        n = world.wanted(typed.trainer.devices, typed.trainer.device.value)
+        if n > 1:
+            return _run_as_processes(n, hc, out_dir)
     try:
         summary = run(
-            typed_config(cfg),
+            typed,
             out_dir,
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             label=hc.runtime.choices.get("strategy"),
             command=" ".join(
                 ["finetune-cli"]
-                + [shlex.quote(o) for o in hc.overrides.hydra if not o.startswith("hydra.mode=")]
+                + [shlex.quote(o) for o in hc.overrides.hydra if not o.startswith(("hydra.mode=", "hydra.output_subdir="))]
                 + [shlex.quote(o) for o in hc.overrides.task if not o.startswith("trainer.resume=")]
             ),
         )
     except Exception as exc:
         problem = exc if isinstance(exc, FinetuneError) else storage_problem(exc)  # a full disk, a read-only folder
         if problem is None:
-            mark_failed(out_dir, exc)
+            if here.main:
+                mark_failed(out_dir, exc)
             raise
         log.error(str(problem))
-        mark_failed(out_dir, problem)
+        if here.main:
+            mark_failed(out_dir, problem)
         if hc.mode == RunMode.MULTIRUN:
             raise problem from None  # the sweep records the failure and goes on with the other jobs
         raise SystemExit(1) from None

@@ -257,6 +257,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # a checkpoint, a run folder, or "auto" (this run folder's last.pt)
     save_every: int = 0  # also keep checkpoints/epoch_NNN.pt every N epochs; 0 = only last/best
     device: Device = Device.auto
+    devices: str = "1"  # processes, one per GPU (data-parallel): a number, or auto = every visible GPU
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     amp: Amp = Amp.auto

@@ -77,6 +77,14 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     return out
 
 
+def processes_text(world: Any, batch_size: int) -> str:
+    """With several processes: how many, and the batch each takes and all take together (the
+    LRs are as configured, for that global batch)."""
+    if not world.distributed:
+        return ""
+    return f", {world.size} processes, batch {batch_size} per process, {batch_size * world.size} in all"
+
+
 def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> Dict[str, Any]:
     """Print the plan and return the run's first summary."""
     env, splits, recipe = parts.env, parts.splits, parts.recipe
@@ -85,7 +93,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
     ui.show_plan(
         f"Plan: {cfg.model.name} ({parts.built.weights}), strategy={label or recipe.kind.value}, "
         f"{len(splits.classes)} classes, {recipe.epochs} epochs, device={env.device.type}, precision={env.precision.name}"
-        + (", channels_last" if env.channels_last else ""),
+        + (", channels_last" if env.channels_last else "") + processes_text(env.world, cfg.data.batch_size),
         rows, trainable, total, notes(cfg, parts),
     )
     return {
@@ -105,6 +113,8 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
             "val_images": len(splits.val),
         },
         "device": env.device.type,
+        "processes": env.world.size,
+        "global_batch_size": cfg.data.batch_size * env.world.size,
         "precision": env.precision.name,
         "channels_last": env.channels_last,
         "compiled": cfg.trainer.compile,

@@ -33,9 +33,13 @@ log = logging.getLogger("finetune_cli")
 
 
 class Recorder:
-    def __init__(self, out_dir: Path, command: str = "finetune-cli"):
+    """``writes=False``: the recorder of a process other than rank 0, which keeps the same record
+    in memory (the run's decisions read it) and writes nothing."""
+
+    def __init__(self, out_dir: Path, command: str = "finetune-cli", writes: bool = True):
         self.out_dir = Path(out_dir)
         self.command = command
+        self.writes = writes
         self.started = time.perf_counter()
         self.summary: Dict[str, Any] = {}
         self.rows: List[Dict[str, Any]] = []
@@ -43,6 +47,10 @@ class Recorder:
         self.saved_here = False
         self.resumed_from: Optional[Path] = None
         self.tensorboard: Optional[TensorBoardLogger] = None
+
+    def _write(self, write: Any, *args: Any) -> None:
+        if self.writes:
+            write(*args)
 
     @property
     def checkpoints(self) -> Path:
@@ -63,7 +71,7 @@ class Recorder:
 
     def skipped_images(self, bad: Dict[str, str]) -> Path:
         path = self.out_dir / "skipped_images.txt"
-        atomic_write_bytes(path, text_bytes("".join(f"{p}\t{why}\n" for p, why in sorted(bad.items()))))
+        self._write(atomic_write_bytes, path, text_bytes("".join(f"{p}\t{why}\n" for p, why in sorted(bad.items()))))
         return path
 
     def feature_store(self) -> FeatureStore:
@@ -71,31 +79,31 @@ class Recorder:
 
     def preview(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         self.summary = {**summary, "output_dir": str(self.out_dir)}
-        atomic_json(self.summary, self.out_dir / "summary.json")
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
         return self.summary
 
     def planned(self, summary: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
         self.summary = {**summary, "status": "planned", "events": []}
-        atomic_json(classes, self.out_dir / "classes.json")
-        atomic_json(self.summary, self.out_dir / "summary.json")
+        self._write(atomic_json, classes, self.out_dir / "classes.json")
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
         return self.summary
 
     def begin(self, summary: Dict[str, Any], classes: List[str], *, tensorboard: bool) -> None:
         """Training starts: the run's first summary, its classes, TensorBoard if asked for."""
         self.summary = {**summary, "status": "running", "events": []}
-        atomic_json(classes, self.out_dir / "classes.json")
-        if tensorboard:
+        self._write(atomic_json, classes, self.out_dir / "classes.json")
+        if tensorboard and self.writes:
             self.tensorboard = TensorBoardLogger(self.out_dir / "tensorboard")
 
     def resumed(self, checkpoint: Path, saved_epoch: int, history: List[Dict[str, Any]], events: List[Dict[str, Any]]) -> None:
         """Continue the files of the run that saved ``checkpoint``; its stage snapshot comes along."""
         self.saved_epoch, self.resumed_from = saved_epoch, checkpoint
         self.rows = list(history)
-        atomic_csv(self.rows, self.out_dir / "metrics.csv")
+        self._write(atomic_csv, self.rows, self.out_dir / "metrics.csv")
         self.summary.update({"events": list(events), "resumed_from": str(checkpoint)})
         source = checkpoint.parent / self.stage_best.name
         if source.is_file() and source.resolve() != self.stage_best.resolve():
-            atomic_copy(source, self.stage_best)
+            self._write(atomic_copy, source, self.stage_best)
 
     # -- every epoch --------------------------------------------------------------------------
 
@@ -103,16 +111,16 @@ class Recorder:
               stage_best: bool = False, summary: Dict[str, Any]) -> None:
         """An epoch's metrics row, checkpoints and summary, in that order."""
         self.rows.append(row)
-        atomic_csv(self.rows, self.out_dir / "metrics.csv")
+        self._write(atomic_csv, self.rows, self.out_dir / "metrics.csv")
         if self.tensorboard is not None:
             self.tensorboard.log_epoch(row)
-        atomic_torch_save(checkpoint, self.last)
+        self._write(atomic_torch_save, checkpoint, self.last)
         self.saved_epoch, self.saved_here = int(row["epoch"]), True
         for name, wanted in (("best.pt", best), (keep_as, bool(keep_as)), (self.stage_best.name, stage_best)):
             if wanted:  # the same bytes: copied, not serialized again
-                atomic_copy(self.last, self.checkpoints / name)
+                self._write(atomic_copy, self.last, self.checkpoints / name)
         self.summary.update(summary, total_seconds=self.seconds())
-        atomic_json(self.summary, self.out_dir / "summary.json")
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -124,27 +132,30 @@ class Recorder:
     def completed(self, **extra: Any) -> Dict[str, Any]:
         self.close()
         self.summary.update(extra, status="completed", total_seconds=self.seconds())
-        atomic_json(self.summary, self.out_dir / "summary.json")
-        ui.show_result(self.summary)
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
+        if self.writes:
+            ui.show_result(self.summary)
         return self.summary
 
     def forced_out(self, signum: int) -> None:
         """A second signal ends the process at once: summary.json says so rather than "running"."""
         self.summary.update(status="interrupted", error=f"{signal.Signals(signum).name} twice: quit at once, "
                             "the epoch under way abandoned", total_seconds=self.seconds())
-        atomic_json(self.summary, self.out_dir / "summary.json")
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
 
     def interrupted(self, exc: Interrupted) -> SystemExit:
         """Record the interruption, say how to resume; the caller raises what this returns
         (exit 130 for SIGINT, 143 for SIGTERM)."""
         self.close()
+        if not self.writes:  # rank 0 records it and says how to resume
+            return SystemExit(exc.exit_code)
         if self.summary:
             self.summary.update(status="interrupted", error=str(exc), total_seconds=self.seconds())
-            atomic_json(self.summary, self.out_dir / "summary.json")
+            self._write(atomic_json, self.summary, self.out_dir / "summary.json")
         else:  # before training began: what an earlier run of this folder recorded stays, a completed one whole
             earlier = read_summary(self.out_dir)
             if earlier.get("status") != "completed":
-                atomic_json({**earlier, "status": "interrupted", "error": str(exc)}, self.out_dir / "summary.json")
+                self._write(atomic_json, {**earlier, "status": "interrupted", "error": str(exc)}, self.out_dir / "summary.json")
             if self.last.is_file():
                 log.warning(f"Interrupted ({exc}); the run's files are as they were. Resume with:\n"
                             f"  {self.command} trainer.resume={self.last}")

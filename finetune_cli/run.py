@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from finetune_cli import world
 from finetune_cli.build import build
 from finetune_cli.checks import check
 from finetune_cli.config import Config, LoggerName, PreviewMode
@@ -37,10 +39,11 @@ def run(
     """Returns the run's summary (also in ``out_dir/summary.json``). One process at a time runs
     in a folder; what an earlier one left half-saved is cleared first."""
     check(cfg)
-    with StopAtOnce(), folder_lock(out_dir):
-        recorder = Recorder(out_dir, command)
+    main = world.from_env().main  # with several processes, rank 0 alone writes in the folder
+    with StopAtOnce(), folder_lock(out_dir) if main else contextlib.nullcontext():
+        recorder = Recorder(out_dir, command, writes=main)
         try:
-            stale = remove_stale_temporaries(out_dir)
+            stale = remove_stale_temporaries(out_dir) if main else []
             if stale:
                 log.info(f"Removed {len(stale)} temporary file(s) of a save that never finished: "
                          f"{', '.join(p.name for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
@@ -51,7 +54,7 @@ def run(
 
 def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: Recorder) -> Dict[str, Any]:
     out_dir = recorder.out_dir
-    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)  # every process builds the same model
     if cfg.preview == PreviewMode.augment:
         return preview_augmentation(cfg, recorder)
     ckpt = None if cfg.plan else read_resume(cfg.trainer.resume, out_dir)
@@ -66,6 +69,11 @@ def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: 
         return recorder.planned(summary, parts.splits.classes)
 
     start = resume(parts.state, ckpt, parts.controller.epochs, cfg.model.name, parts.splits.classes)
+    here = parts.env.world
+    if here.distributed:
+        world.same_as_main(parts.model)  # whatever each process drew or read, rank 0's weights
+        if not start.checkpoint and not here.main:  # each draws its own augmentations from here on
+            seed_everything(cfg.trainer.seed + here.rank, cfg.trainer.deterministic)
     if start.finished:
         return already_finished(start.checkpoint, start.finished)
 

@@ -96,15 +96,21 @@ def test_decisions():
         parse_switch("maybe", "k")
 
 
-def test_feature_loader_draws_the_batches_a_data_loader_would():
+def test_feature_loader_draws_the_batches_the_image_loader_would():
+    from finetune_cli.data.folders import make_loader
+
     feats = Features(torch.arange(10.0).unsqueeze(1), torch.arange(10), 0.0, None)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    plain = DataLoader(list(zip(torch.arange(10.0).unsqueeze(1), torch.arange(10))), batch_size=4,
-                       shuffle=True, drop_last=True, generator=g1)
-    cached = FeatureLoader(feats, CPU, batch_size=4, shuffle=True, generator=g2, drop_last=True)
+    plain = make_loader(list(zip(torch.arange(10.0).unsqueeze(1), torch.arange(10))), batch_size=4, num_workers=0,
+                        train=True, seed=3)
+    cached = FeatureLoader(feats, CPU, batch_size=4, sampler=plain.sampler, drop_last=plain.drop_last)
     assert len(cached) == len(plain) == 2
-    for _ in range(2):  # two epochs
-        assert [y.tolist() for _, y in cached] == [y.tolist() for _, y in plain]
+    for epoch in (1, 2, 1):  # the order is the epoch's, whenever it is drawn (a resumed run)
+        plain.sampler.set_epoch(epoch)
+        images = [y.tolist() for _, y in plain]
+        plain.sampler.set_epoch(epoch)
+        assert [y.tolist() for _, y in cached] == images
+    plain.sampler.set_epoch(1)
+    assert [y.tolist() for _, y in cached] != [y.tolist() for _, y in cached]  # each pass: the next epoch
 
 
 def test_store_reuses_only_a_matching_key(tmp_path):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune_cli.data.sharding import EpochShuffle, Shard
 from finetune_cli.errors import FinetuneError, unreadable_image
 
 log = logging.getLogger(__name__)
@@ -315,14 +316,19 @@ def make_loader(
     train: bool,
     seed: int,
     pin_memory: bool = False,
+    rank: int = 0,
+    size: int = 1,
 ) -> DataLoader:
+    """Training shuffles by epoch (``EpochShuffle``); with ``size`` processes, each reads its
+    share (``rank``) of the training and the validation images."""
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sampler = EpochShuffle(len(dataset), seed, rank, size) if train else Shard(len(dataset), rank, size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > batch_size,  # no size-1 batch through BatchNorm
+        sampler=sampler,
+        drop_last=train and len(sampler) > batch_size,  # no size-1 batch through BatchNorm
         num_workers=num_workers,
         pin_memory=pin_memory,
         # Training loaders start their workers afresh each epoch, seeded from ``generator`` (saved in

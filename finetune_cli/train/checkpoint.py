@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from finetune_cli import world
 from finetune_cli.data.folders import class_names
 from finetune_cli.errors import FinetuneError, Refused, Truncated
 from finetune_cli.io_utils import safe_torch_load
@@ -71,9 +72,17 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "tracker": self.tracker.state_dict(),
             "strategy": self.controller.state_dict(),
-            "rng": rng_state(self.loader_generator),
+            **self._random_streams(),
             **extra,
         }
+
+    def _random_streams(self) -> Dict[str, Any]:
+        """Rank 0's random streams, and with several processes each one's (a collective call)."""
+        mine = rng_state(self.loader_generator)
+        if not world.from_env().distributed:
+            return {"rng": mine}
+        every = world.gathered(mine)
+        return {"rng": every[0], "rng_ranks": every}
 
     def restore(self, ckpt: Dict[str, Any]) -> int:
         """Load a checkpoint; returns the first epoch still to run. The optimizer goes before the
@@ -85,7 +94,9 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.tracker.load_state_dict(ckpt["tracker"])
         self.controller.load_state_dict(ckpt["strategy"])
-        set_rng_state(ckpt["rng"], self.loader_generator)
+        here = world.from_env()
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        set_rng_state(ranks[here.rank] if len(ranks) == here.size else ckpt["rng"], self.loader_generator)
         return int(ckpt["epoch"]) + 1
 
     def restore_weights(self, ckpt: Dict[str, Any]) -> None:

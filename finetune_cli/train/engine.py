@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finetune_cli import world
 from finetune_cli.errors import FinetuneError
 from finetune_cli.train.mixing import hard_labels
 
@@ -123,13 +124,20 @@ def train_one_epoch(
     if seen:
         _check_finite(finite, loss, step, check_every, desc)
     seconds = time.perf_counter() - start
+    loss_sum, hits, count = _summed(total_loss, correct, seen)
     return EpochResult(
-        loss=(total_loss / max(seen, 1)).item(),
-        acc=(correct.float() / max(seen, 1)).item(),
-        images=seen,
+        loss=loss_sum / max(count, 1),
+        acc=hits / max(count, 1),
+        images=int(count),
         seconds=seconds,
         interrupted=should_stop(),
     )
+
+
+def _summed(total_loss: torch.Tensor, correct: torch.Tensor, seen: int) -> Tuple[float, float, float]:
+    """The loss sum, the hits and the count of every process (this one's alone when it is alone)."""
+    sums = torch.stack([total_loss.float(), correct.float(), torch.tensor(float(seen), device=total_loss.device)])
+    return tuple(world.total(sums).tolist())  # type: ignore[return-value]
 
 
 def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
@@ -151,7 +159,8 @@ def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequen
 
 
 def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str) -> None:
-    if not bool(finite):
+    """Every process decides together (one process stopping alone would leave the others waiting)."""
+    if world.anyone(not bool(finite)):
         what = f"{loss.item()} at step {step}" if every == 1 else f"nan or inf in the {every} steps up to step {step}"
         raise FinetuneError(
             f"The training loss became {what} of {desc}. Lower "
@@ -189,10 +198,11 @@ def evaluate(
         seen += targets.size(0)
         if should_stop():
             break
+    loss_sum, hits, count = _summed(total_loss, correct, seen)
     return EpochResult(
-        loss=(total_loss / max(seen, 1)).item(),
-        acc=(correct.float() / max(seen, 1)).item(),
-        images=seen,
+        loss=loss_sum / max(count, 1),
+        acc=hits / max(count, 1),
+        images=int(count),
         seconds=time.perf_counter() - start,
         interrupted=should_stop(),
     )

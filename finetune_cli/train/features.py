@@ -215,16 +215,14 @@ class FeatureStore:
 
 
 class FeatureLoader:
-    """Batches of cached features in the order a DataLoader with the same settings and generator
-    would draw images, so a cached run sees the same batches as an uncached one."""
+    """Batches of cached features in the order the image loader's sampler draws images (give it
+    that very sampler), so a cached run sees the same batches as an uncached one."""
 
-    def __init__(self, feats: Features, device: torch.device, *, batch_size: int, shuffle: bool,
-                 generator: torch.Generator, drop_last: bool):
+    def __init__(self, feats: Features, device: torch.device, *, batch_size: int, sampler: Any = None,
+                 drop_last: bool = False):
         self.features = feats.features.to(device)
         self.targets = feats.targets.to(device)
-        self.index = DataLoader(range(len(self.targets)), batch_size=batch_size, shuffle=shuffle,
-                                drop_last=drop_last, generator=generator)
-        self.generator = generator
+        self.index = DataLoader(range(len(self.targets)), batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
     def __len__(self) -> int:
         return len(self.index)

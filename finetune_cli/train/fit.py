@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from finetune_cli import ui
+from finetune_cli import ui, world
 from finetune_cli.build import Parts
 from finetune_cli.data.folders import make_loader
 from finetune_cli.errors import FinetuneError
@@ -42,6 +43,7 @@ class Inputs:
     val_model: nn.Module
     val_batches: Any
     cache: Dict[str, Any]
+    wrapped_for: Optional[Tuple[bool, ...]] = None  # the trainable mask the DDP wrapper was made for
 
 
 @dataclass
@@ -64,7 +66,12 @@ def cached_features(parts: Parts, recorder: Recorder) -> Dict[str, Any]:
         key = cache_key(parts.model, parts.tail, data, env.precision)
         compute = partial(extract, parts.model, parts.tail, loader, env.device, env.precision, env.progress,
                           f"features ({name})")
-        found[name] = f = store.get(name, key, compute)
+        if env.world.main:  # rank 0 computes (or reads back) and stores; the others then read its file
+            found[name] = f = store.get(name, key, compute)
+            world.wait_for_all()
+        else:
+            world.wait_for_all()
+            found[name] = f = store.get(name, key, compute)
         how = "read back from" if f.seconds == 0 else f"computed in {f.seconds:.1f}s into"
         log.info(f"Feature cache: {len(f.targets)} {name} images x {tuple(f.features.shape[1:])} {how} {f.path}")
     return found
@@ -89,15 +96,30 @@ def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
     bs, device, loader = parts.settings.batch_size, parts.env.device, parts.train_loader
     if "train" in found:
         inputs.train_model = parts.tail.module
-        inputs.train_batches = FeatureLoader(found["train"], device, batch_size=bs, shuffle=True,
-                                             generator=loader.generator, drop_last=loader.drop_last)
+        inputs.train_batches = FeatureLoader(found["train"], device, batch_size=bs, sampler=loader.sampler,
+                                             drop_last=loader.drop_last)
     if "val" in found:
         inputs.val_model = parts.tail.module
-        inputs.val_batches = FeatureLoader(found["val"], device, batch_size=bs, shuffle=False,
-                                           generator=torch.Generator(), drop_last=False)
+        inputs.val_batches = FeatureLoader(found["val"], device, batch_size=bs, sampler=parts.val_loader.sampler)
     inputs.cache = summary_of(parts.caching, parts.tail, found)
     parts.model.train()
     return inputs
+
+
+def wrap_for_processes(parts: Parts, inputs: Inputs) -> None:
+    """With several processes, training runs through DistributedDataParallel, which averages the
+    gradients of what trains now. Its gradient buckets hold only parameters that need a gradient,
+    so frozen groups cost no communication; after an unfreeze the wrapper is made again."""
+    if not parts.env.world.distributed:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = parts.tail.module if inputs.train_batches is not parts.train_loader else parts.model
+    if not any(p.requires_grad for p in module.parameters()):
+        inputs.train_model = module
+        return
+    device = parts.env.device
+    inputs.train_model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def apply_phase(parts: Parts, events: Sequence[Event]) -> None:
@@ -117,7 +139,8 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
             inputs.train_model, inputs.train_batches, parts.optimizer, parts.criterion, env.device,
             step_schedule=parts.schedule.step_batch, precision=env.precision, scaler=parts.state.scaler,
             grad_clip=s.grad_clip, aux_weight=s.aux_weight, penalty=parts.penalty, mix=parts.mixer,
-            should_stop=stop.requested, progress=env.progress, desc=f"epoch {epoch}/{parts.controller.epochs}",
+            should_stop=lambda: world.anyone(stop.requested()), progress=env.progress,
+            desc=f"epoch {epoch}/{parts.controller.epochs}",
             channels_last=env.channels_last, check_every=50 if env.device.type == "cuda" else 1,
         )
         now = state_bytes(parts.model, parts.optimizer)
@@ -128,8 +151,8 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
         if stop.requested():  # loader workers got the signal too
             raise Interrupted(stop.signum, epoch) from None
         raise
-    if tr.interrupted or va.interrupted:
-        raise Interrupted(stop.signum, epoch)
+    if world.anyone(tr.interrupted or va.interrupted):  # every process stops at the same point
+        raise Interrupted(stop.signum or signal.SIGTERM, epoch)
     totals.images += tr.images
     totals.seconds += tr.seconds
     return tr, va
@@ -165,6 +188,10 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     controller, names = parts.controller, parts.recipe.names
     events = controller.begin_epoch(epoch)
     apply_phase(parts, events)
+    if parts.env.world.distributed and inputs.wrapped_for != tuple(controller.mask()):
+        wrap_for_processes(parts, inputs)
+        inputs.wrapped_for = tuple(controller.mask())
+    parts.train_loader.sampler.set_epoch(epoch)  # the epoch's order (the cached features share the sampler)
     lrs_now, trainable_now, k_now = group_lrs(parts.optimizer), count_params(parts.model)[0], controller.k
     for e in words(events):
         log.info(f"epoch {epoch}: {e}")

@@ -1,0 +1,117 @@
+"""Data-parallel training on CPU (gloo): trainer.devices=2 starts two processes of one run.
+
+With every BatchNorm in eval (strategy.bn=freeze_all) and no random augmentation, two processes
+with batch B/2 each compute the same updates as one process with batch B, up to the order of
+floating-point sums: their metrics agree to 1e-5.
+"""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from helpers import cli, run_dirs
+
+SAME_MATH = ["debug=tiny", "trainer.epochs=2", "strategy.bn=freeze_all", "augment=none"]
+
+
+def _metrics(run):
+    return list(csv.DictReader((run / "metrics.csv").open()))
+
+
+def _close(a, b, keys=("train_loss", "train_acc", "val_loss", "val_acc")):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5), (k, ra["epoch"])
+
+
+def _pair(tmp_path, *args):
+    one = cli([*SAME_MATH, *args, "data.batch_size=16", "hydra.run.dir=outputs/one"], tmp_path)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = cli([*SAME_MATH, *args, "data.batch_size=8", "trainer.devices=2", "hydra.run.dir=outputs/two"], tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    return tmp_path / "outputs" / "one", tmp_path / "outputs" / "two", two
+
+
+def test_two_processes_train_like_one_with_twice_the_batch_in_one_folder(tmp_path):
+    one, two, proc = _pair(tmp_path, "strategy=full")
+    _close(_metrics(one), _metrics(two))
+    assert proc.stdout.count("Plan: ") == 1 and proc.stdout.count("epoch   2/2") == 1  # rank 0 alone prints
+    assert "2 processes" in proc.stdout and "batch 8 per process, 16 in all" in proc.stdout
+    assert run_dirs(tmp_path) == [one, two]  # one folder (and one .hydra/) per run
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+@pytest.mark.slow  # 45 s; the default suite checks two processes on full fine-tuning above
+def test_frozen_groups_stay_frozen_and_unfreezing_works_under_two_processes(tmp_path):
+    """progressive unfreezes a group each epoch: the wrapper is made again for what trains."""
+    one, two, _ = _pair(tmp_path, "strategy=progressive", "strategy.every=1", "trainer.epochs=3")
+    _close(_metrics(one), _metrics(two))
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["model"]
+    groups = [int(r["trainable_groups"]) for r in _metrics(two)]
+    assert groups == [int(r["trainable_groups"]) for r in _metrics(one)] and groups == sorted(set(groups))
+    frozen = [k for k in a if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]  # below what unfroze
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # never trained: the seeded init
+
+
+@pytest.mark.slow  # 20 s; the feature cache's own tests and the two tests above cover its parts
+def test_the_cached_probe_under_two_processes_matches_one(tmp_path):
+    one, two, proc = _pair(tmp_path, "strategy=linear_probe")
+    _close(_metrics(one), _metrics(two))
+    assert (two / "features" / "train.pt").is_file() and "Feature cache: on" in proc.stdout
+
+
+@pytest.mark.slow  # 100 s: three runs of two processes
+def test_sigterm_stops_both_processes_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    common = ["debug=tiny", "data.synthetic.train_per_class=20", "trainer.epochs=4", "strategy=full", "trainer.devices=2"]
+    assert cli([*common, "hydra.run.dir=outputs/straight"], tmp_path).returncode == 0
+    job = [*common, "hydra.run.dir=outputs/job", "trainer.resume=auto"]
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_cli", *job], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "epoch   2/4" in line:
+            break
+    proc.send_signal(signal.SIGTERM)  # to the launching process, as a batch system does
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, rest[-2000:]
+    assert rest.count("Resume with:") == 1 and "hydra.output_subdir" not in rest
+    assert torch.load(tmp_path / "outputs/job/checkpoints/last.pt", weights_only=True)["epoch"] == 2
+    again = cli(job, tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:]
+    straight, resumed = _metrics(tmp_path / "outputs/straight"), _metrics(tmp_path / "outputs/job")
+    for col in ("train_loss", "train_acc", "val_loss", "val_acc"):  # each process's random streams restored
+        assert [r[col] for r in straight] == [r[col] for r in resumed], col
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_naming_it():
+    from finetune_cli.train.checkpoint import changed_settings
+
+    assert changed_settings({"trainer": {"devices": "2"}}, {"trainer": {"devices": "1"}}) == ["trainer.devices: 2 -> 1"]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (0, 0, 1)),
+    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, (3, 1, 4)),  # torchrun, elastic
+    ({"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, (1, 1, 2)),  # srun
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, (0, 0, 1)),  # the batch script itself, not an srun step
+])
+def test_each_process_finds_its_place_from_its_launcher(monkeypatch, env, expected):
+    from finetune_cli import world
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    here = world.from_env()
+    assert (here.rank, here.local_rank, here.size) == expected
