@@ -106,6 +106,9 @@ def ready_to_run(cfg: Config) -> None:
     from finetune_cli.models.weights import fetch_ahead
 
     check_against_model(cfg)
+    from finetune_cli.world import wanted
+
+    wanted(cfg.trainer.devices, cfg.trainer.device.value)  # more GPUs than there are
     if not cfg.plan and cfg.preview.value == "off":
         fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())
 
@@ -168,33 +171,63 @@ def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> O
     return "\n".join(lines)
 
 
-def _run_as_processes(n: int, hc: Any, out_dir: Path) -> None:
+def _run_as_processes(n: int, hc: Any, out_dir: Path) -> dict:
     """trainer.devices=N: the same run as N processes in this run's folder (which Hydra made here,
-    with its .hydra/ record): each runs this command with the folder named, and rank 0 writes."""
+    with its .hydra/ record): each runs this command with the folder named, and rank 0 writes.
+    Returns the summary rank 0 wrote."""
     from finetune_cli import world
+    from finetune_cli.record import read_summary
 
-    own = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode=", "hydra.output_subdir="))]
-    argv = [*own, *hc.overrides.task, f"hydra.run.dir={out_dir}", "hydra.output_subdir=null"]
+    own = [o for o in hc.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode=", "hydra.output_subdir=",
+                                                              "hydra.sweep.", "hydra.job.num="))]
+    argv = [*_config_flags(sys.argv[1:]), *own, *hc.overrides.task, f"hydra.run.dir={_quoted(out_dir)}",
+            "hydra.output_subdir=null"]
     log.info(f"Starting {n} processes (trainer.devices={n}); rank 0 writes the run's files.")
     code = world.launch(n, argv)
+    summary = read_summary(out_dir)
+    if code in (130, 143):
+        raise SystemExit(code)  # interrupted: rank 0 recorded it and said how to resume
     if code:
-        raise SystemExit(code)
+        said = summary.get("error") if summary.get("status") == "failed" else None
+        raise FinetuneError(said or f"The {n} training processes ended with exit code {code}; their errors are "
+                            f"printed above. The run's files are in {out_dir}.")
+    return summary
+
+
+def _config_flags(argv: Sequence[str]) -> list:
+    """The command's --config-name / --config-path / --config-dir flags (-cn/-cp/-cd), with their values."""
+    flags, names = [], ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
+    for i, arg in enumerate(argv):
+        if arg in names and i + 1 < len(argv):
+            flags += [arg, argv[i + 1]]
+        elif arg.startswith(tuple(f"{n}=" for n in names)):
+            flags.append(arg)
+    return flags
+
+
+def _quoted(path: Any) -> str:
+    """A path as one quoted Hydra override value (a sweep's folder names hold '=' and ',')."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _shared_folder(argv: Sequence[str]) -> list:
     """Under torchrun or srun, every process runs this command: rank 0 makes the dated run folder
-    and tells the others, so that one run has one folder (Hydra would make one per process)."""
+    and tells the others, so that one run has one folder (Hydra would make one per process); the
+    other ranks write no .hydra/ record."""
     from finetune_cli import world
 
     here = world.from_env()
-    if not here.distributed or any(a.startswith("hydra.run.dir=") for a in argv) or "-m" in argv or "--multirun" in argv:
+    if not here.distributed or "-m" in argv or "--multirun" in argv:
         return list(argv)
+    quiet = [] if here.main else ["hydra.output_subdir=null"]
+    if any(a.startswith("hydra.run.dir=") for a in argv):
+        return [*argv, *quiet]
     import time
 
     world.join(here)
     folder = unique_dir(time.strftime("outputs/%Y-%m-%d/%H-%M-%S")) if here.main else None
     folder = world.from_main(folder)
-    return [*argv, f"hydra.run.dir={folder}"] + ([] if here.main else ["hydra.output_subdir=null"])
+    return [*argv, f"hydra.run.dir={_quoted(folder)}", *quiet]
 
 
 def _without_hydra(config: DictConfig) -> DictConfig:
@@ -271,13 +304,11 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     world.quiet_unless_main(here)
     overrides = " ".join(hc.overrides.task) or "(none)"
     log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
-    typed = typed_config(cfg)
-    if not here.distributed and not typed.plan and typed.preview.value == "off":
-        n = world.wanted(typed.trainer.devices, typed.trainer.device.value)
-        if n > 1:
-            return _run_as_processes(n, hc, out_dir)
     try:
-        summary = run(
+        typed = typed_config(cfg)
+        alone = here.distributed or typed.plan or typed.preview.value != "off"
+        n = 1 if alone else world.wanted(typed.trainer.devices, typed.trainer.device.value)
+        summary = _run_as_processes(n, hc, out_dir) if n > 1 else run(
             typed,
             out_dir,
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),

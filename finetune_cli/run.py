@@ -100,6 +100,8 @@ def preview_augmentation(cfg: Config, recorder: Recorder) -> Dict[str, Any]:
     choice = WeightsChoice("none") if synthetic else resolve_weights(cfg.model.name, cfg.model.weights)
     pre = preprocess_for(cfg.model.name, choice, cfg.data.image_size)
     splits = load_data(cfg.data, cfg.augment, pre, cfg.trainer.seed, cache_dir(cfg.cache_dir), recorder.skipped_images)
+    if not recorder.writes:  # several processes (torchrun): rank 0 draws the picture
+        return {"status": "previewed"}
     path = write_preview(
         splits.train, splits.classes, pre, recorder.out_dir / "augment_preview.png",
         count=cfg.preview_images, seed=cfg.trainer.seed, mixer=make_mixer(cfg.augment, len(splits.classes)),

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-log = logging.getLogger("finetune_cli")
+log = logging.getLogger("finetune_cli")  # this module imports torch only where it is used: the CLI reads
+# ``from_env`` before any check, and a mistyped setting is answered without importing torch
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,11 @@ def join(world: World, device_type: str = "cpu") -> Optional[str]:
     CPU ones (both where a GPU is visible, so that CPU objects can be exchanged too)."""
     if not world.distributed:
         return None
+    import torch
     import torch.distributed as dist
 
-    if device_type == "cuda":
-        torch.cuda.set_device(world.local_rank)
+    if device_type == "cuda":  # srun --gpus-per-task=1 shows each task one GPU
+        torch.cuda.set_device(world.local_rank % max(1, torch.cuda.device_count()))
     if not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             _slurm_rendezvous(world)
@@ -80,6 +83,8 @@ def join(world: World, device_type: str = "cpu") -> Optional[str]:
 
 def wanted(devices: str, device: str) -> int:
     """``trainer.devices`` as a number of processes: ``auto`` is every visible GPU (1 on CPU)."""
+    import torch
+
     text = str(devices).strip().lower()
     if text == "auto":
         return max(1, torch.cuda.device_count()) if device != "cpu" and torch.cuda.is_available() else 1
@@ -96,15 +101,24 @@ def launch(n: int, argv: list) -> int:
     """Run ``python -m finetune_cli ARGV`` as ``n`` processes of one run, through torch's elastic
     launcher (what ``torchrun --standalone`` does); returns the exit code: 0, 130/143 when they
     were interrupted, else the first failure's."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # the cores shared out: 2 processes x 2 threads on 2 cores ran 7.7x slower
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // n))
+    try:
+        return _launch(n, argv)
+    finally:
+        if threads is None:  # the next job of a sweep may start another number of processes
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _launch(n: int, argv: list) -> int:
     import sys
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if "OMP_NUM_THREADS" not in os.environ:  # the cores shared out: 2 processes x 2 threads on 2 cores ran 7.7x slower
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // n))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -133,7 +147,7 @@ def _group_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def total(tensor: torch.Tensor) -> torch.Tensor:
+def total(tensor: "torch.Tensor") -> "torch.Tensor":
     """The sum over every process of ``tensor`` (in place; itself when alone)."""
     if _group_ready():
         import torch.distributed as dist
@@ -142,14 +156,16 @@ def total(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def same_as_main(module: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers in every process's ``module``."""
+def same_as_main(module: "torch.nn.Module", buffers_only: bool = False) -> None:
+    """Rank 0's parameters and buffers (or its buffers alone: BatchNorm statistics, which each
+    process updates from its own share of the batch) in every process's ``module``."""
     if not _group_ready():
         return
+    import torch
     import torch.distributed as dist
 
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in [*([] if buffers_only else module.parameters()), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
 
 
@@ -165,6 +181,8 @@ def anyone(flag: bool) -> bool:
     """True on every process when ``flag`` is true on any (a stop requested on one rank)."""
     if not _group_ready():
         return flag
+    import torch
+
     return bool(total(torch.tensor([int(flag)])).item())
 
 

@@ -115,3 +115,53 @@ def test_each_process_finds_its_place_from_its_launcher(monkeypatch, env, expect
         monkeypatch.setenv(key, value)
     here = world.from_env()
     assert (here.rank, here.local_rank, here.size) == expected
+
+
+def test_forwarded_arguments_keep_the_config_choice_and_parse_as_one_folder():
+    """The processes once lost -cn/--config-dir, and a sweep job's folder name (with '=' and ',')
+    did not parse as hydra.run.dir."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from finetune_cli.cli import _config_flags, _quoted
+
+    assert _config_flags(["-cn", "mine", "--config-dir=/c", "x=1", "-m"]) == ["-cn", "mine", "--config-dir=/c"]
+    for path in ["/runs/0_optimizer.lr=0.1,trainer.devices=2", "/runs/it's [odd]"]:
+        parsed = OverridesParser.create().parse_overrides([f"hydra.run.dir={_quoted(path)}"])[0]
+        assert parsed.value() == path
+
+
+def test_each_process_draws_its_own_augmentations_and_the_cache_keeps_the_global_stream():
+    from finetune_cli.data.folders import make_loader
+    from finetune_cli.train.features import FeatureLoader, Features
+
+    data = list(range(8))
+    seeds = [make_loader(data, batch_size=4, num_workers=0, train=True, seed=1, rank=r, size=2).generator.initial_seed()
+             for r in (0, 1)]
+    assert seeds[0] == 1 and seeds[1] != seeds[0]  # loader workers are seeded from these
+    loader = FeatureLoader(Features(torch.zeros(8, 1), torch.arange(8), 0.0, None), torch.device("cpu"), batch_size=4)
+    torch.manual_seed(0)
+    list(loader)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # reading cached features drew nothing from the model's stream
+
+
+def test_the_launcher_reads_its_place_without_importing_torch(tmp_path):
+    """Every command reads its place among processes before any check: torch (about 5 s) waits."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom finetune_cli.cli import _shared_folder\n"
+            "print(_shared_folder(['trainer.epochs=0']), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout
+    assert out.strip() == "['trainer.epochs=0'] False"
+
+
+@pytest.mark.slow  # 70 s: a sweep of two jobs, each two processes
+def test_a_sweep_of_multi_process_jobs_records_each_job_and_its_objective(tmp_path):
+    proc = cli(["-m", "optimizer.lr=0.01,0.001", "trainer.devices=2", "debug=tiny", "model.weights=synthetic"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    summaries = [json.loads((r / "summary.json").read_text()) for r in run_dirs(sweep)]
+    assert [s["status"] for s in summaries] == ["completed", "completed"] and all(s["processes"] == 2 for s in summaries)
+    assert "Sweep:" in proc.stdout

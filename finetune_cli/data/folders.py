@@ -321,8 +321,8 @@ def make_loader(
 ) -> DataLoader:
     """Training shuffles by epoch (``EpochShuffle``); with ``size`` processes, each reads its
     share (``rank``) of the training and the validation images."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    generator = torch.Generator()  # seeds the loader workers: each process draws its own augmentations
+    generator.manual_seed(seed + 1_000_003 * rank)
     sampler = EpochShuffle(len(dataset), seed, rank, size) if train else Shard(len(dataset), rank, size)
     return DataLoader(
         dataset,

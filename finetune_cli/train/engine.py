@@ -86,9 +86,12 @@ def train_one_epoch(
     desc: str = "train",
     channels_last: bool = False,
     check_every: int = 1,
+    across_processes: bool = False,
 ) -> EpochResult:
     """One pass over ``loader``. The loss is checked for NaN/inf every ``check_every`` steps
-    (each check waits for the device; on CUDA the tool checks every 50 steps)."""
+    (each check waits for the device; on CUDA the tool checks every 50 steps).
+    ``across_processes``: the run's processes decide the check together and sum the metrics (only
+    for what every process runs in step: not for one process's synthetic pretraining)."""
     model.train()
     params: Sequence[torch.Tensor] = [
         p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
@@ -112,7 +115,7 @@ def train_one_epoch(
                 loss = loss + penalty()
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0:
-            _check_finite(finite, loss, step, check_every, desc)
+            _check_finite(finite, loss, step, check_every, desc, across_processes)
         _update(loss, optimizer, params, scaler, grad_clip)
         step_schedule()
         n = targets.size(0)
@@ -122,9 +125,9 @@ def train_one_epoch(
         if should_stop():
             break
     if seen:
-        _check_finite(finite, loss, step, check_every, desc)
+        _check_finite(finite, loss, step, check_every, desc, across_processes)
     seconds = time.perf_counter() - start
-    loss_sum, hits, count = _summed(total_loss, correct, seen)
+    loss_sum, hits, count = _summed(total_loss, correct, seen, across_processes)
     return EpochResult(
         loss=loss_sum / max(count, 1),
         acc=hits / max(count, 1),
@@ -134,10 +137,11 @@ def train_one_epoch(
     )
 
 
-def _summed(total_loss: torch.Tensor, correct: torch.Tensor, seen: int) -> Tuple[float, float, float]:
-    """The loss sum, the hits and the count of every process (this one's alone when it is alone)."""
+def _summed(total_loss: torch.Tensor, correct: torch.Tensor, seen: int, across_processes: bool
+            ) -> Tuple[float, float, float]:
+    """The loss sum, the hits and the count: this process's, or every process's."""
     sums = torch.stack([total_loss.float(), correct.float(), torch.tensor(float(seen), device=total_loss.device)])
-    return tuple(world.total(sums).tolist())  # type: ignore[return-value]
+    return tuple((world.total(sums) if across_processes else sums).tolist())  # type: ignore[return-value]
 
 
 def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
@@ -158,9 +162,12 @@ def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequen
     optimizer.step()
 
 
-def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str) -> None:
-    """Every process decides together (one process stopping alone would leave the others waiting)."""
-    if world.anyone(not bool(finite)):
+def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str,
+                  across_processes: bool = False) -> None:
+    """``across_processes``: every process decides together (one stopping alone would leave the
+    others waiting)."""
+    bad = not bool(finite)
+    if world.anyone(bad) if across_processes else bad:
         what = f"{loss.item()} at step {step}" if every == 1 else f"nan or inf in the {every} steps up to step {step}"
         raise FinetuneError(
             f"The training loss became {what} of {desc}. Lower "
@@ -181,7 +188,9 @@ def evaluate(
     progress: bool = False,
     desc: str = "val",
     channels_last: bool = False,
+    across_processes: bool = False,
 ) -> EpochResult:
+    """``across_processes``: each process has its share of the set; the sums are every process's."""
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -198,7 +207,7 @@ def evaluate(
         seen += targets.size(0)
         if should_stop():
             break
-    loss_sum, hits, count = _summed(total_loss, correct, seen)
+    loss_sum, hits, count = _summed(total_loss, correct, seen, across_processes)
     return EpochResult(
         loss=loss_sum / max(count, 1),
         acc=hits / max(count, 1),

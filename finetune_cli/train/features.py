@@ -222,7 +222,8 @@ class FeatureLoader:
                  drop_last: bool = False):
         self.features = feats.features.to(device)
         self.targets = feats.targets.to(device)
-        self.index = DataLoader(range(len(self.targets)), batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+        self.index = DataLoader(range(len(self.targets)), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                                generator=torch.Generator())  # its own stream: the global one stays the model's
 
     def __len__(self) -> int:
         return len(self.index)

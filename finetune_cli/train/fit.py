@@ -66,15 +66,27 @@ def cached_features(parts: Parts, recorder: Recorder) -> Dict[str, Any]:
         key = cache_key(parts.model, parts.tail, data, env.precision)
         compute = partial(extract, parts.model, parts.tail, loader, env.device, env.precision, env.progress,
                           f"features ({name})")
-        if env.world.main:  # rank 0 computes (or reads back) and stores; the others then read its file
-            found[name] = f = store.get(name, key, compute)
-            world.wait_for_all()
-        else:
-            world.wait_for_all()
-            found[name] = f = store.get(name, key, compute)
+        found[name] = f = _features_once(env.world, partial(store.get, name, key, compute))
         how = "read back from" if f.seconds == 0 else f"computed in {f.seconds:.1f}s into"
         log.info(f"Feature cache: {len(f.targets)} {name} images x {tuple(f.features.shape[1:])} {how} {f.path}")
     return found
+
+
+def _features_once(here: Any, get: Any) -> Any:
+    """With several processes, rank 0 computes (or reads back) and stores the features, and the
+    others read its file once it says how that went: its error, if any, is every process's."""
+    if not here.distributed:
+        return get()
+    outcome, error = None, None
+    if here.main:
+        try:
+            outcome = get()
+        except (TailMismatch, FinetuneError) as exc:
+            error = exc
+    error = world.from_main(error)  # also the point every process waits for
+    if error is not None:
+        raise error
+    return outcome if here.main else get()
 
 
 def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
@@ -142,11 +154,14 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
             should_stop=lambda: world.anyone(stop.requested()), progress=env.progress,
             desc=f"epoch {epoch}/{parts.controller.epochs}",
             channels_last=env.channels_last, check_every=50 if env.device.type == "cuda" else 1,
+            across_processes=env.world.distributed,
         )
         now = state_bytes(parts.model, parts.optimizer)
         totals.held = {k: max(v, totals.held.get(k, 0)) for k, v in now.items()}
+        world.same_as_main(parts.model, buffers_only=True)  # the BatchNorm statistics rank 0 saves
         va = evaluate(inputs.val_model, inputs.val_batches, VALIDATION_LOSS, env.device, precision=env.precision,
-                      should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last)
+                      should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last,
+                      across_processes=env.world.distributed)
     except RuntimeError:
         if stop.requested():  # loader workers got the signal too
             raise Interrupted(stop.signum, epoch) from None
