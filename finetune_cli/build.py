@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from finetune_cli import ui
-from finetune_cli.config import AugmentName, Config, Monitor, RegularizerConfig, RegularizerName, ScheduleConfig
+from finetune_cli.config import (
+    AugmentName,
+    Config,
+    LRScaling,
+    Monitor,
+    RegularizerConfig,
+    RegularizerName,
+    ScheduleConfig,
+)
 from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
@@ -206,6 +214,13 @@ def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_
     )
 
 
+def base_lr(cfg: Config, processes: int) -> float:
+    """optimizer.lr times the strategy's scale, and times the number of processes with
+    optimizer.scale_lr=linear (the global batch is data.batch_size times that number)."""
+    lr = cfg.optimizer.lr * cfg.strategy.lr_scale
+    return lr * processes if cfg.optimizer.scale_lr == LRScaling.linear else lr
+
+
 def check_against_model(cfg: Config) -> None:
     """What can be checked against the architecture alone, before a run folder exists: the input
     size, the strategy's group counts and group LRs, and whether a weights file fits the model.
@@ -238,7 +253,7 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     recipe = resolve(cfg.strategy, [g.name for g in groups], epochs=t.epochs, images_per_class=splits.images_per_class)
     controller = Controller(recipe, groups, cfg.strategy.bn, t.monitor)
     controller.apply()
-    lrs = layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
+    lrs = layerwise_lrs(base_lr(cfg, env.world.size), len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
     backbone = backbone_params(groups, built.family) if cfg.regularizer.name != RegularizerName.none else []
     # an anchoring penalty replaces weight decay on what it anchors; the new head keeps its decay
     optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay,

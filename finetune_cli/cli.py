@@ -303,11 +303,12 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     here = world.from_env()
     world.quiet_unless_main(here)
     overrides = " ".join(hc.overrides.task) or "(none)"
-    log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
     try:
         typed = typed_config(cfg)
         alone = here.distributed or typed.plan or typed.preview.value != "off"
         n = 1 if alone else world.wanted(typed.trainer.devices, typed.trainer.device.value)
+        if n == 1:  # (with N processes, rank 0 says it)
+            log.info(f"finetune-cli: overrides {overrides}; output {out_dir}")
         summary = _run_as_processes(n, hc, out_dir) if n > 1 else run(
             typed,
             out_dir,
@@ -331,6 +332,9 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         if hc.mode == RunMode.MULTIRUN:
             raise problem from None  # the sweep records the failure and goes on with the other jobs
         raise SystemExit(1) from None
+    finally:
+        if here.distributed:
+            world.leave()
     best = summary.get("best")
     return best["value"] if best else None
 

@@ -83,6 +83,11 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LRScaling(str, Enum):
+    none = "none"  # the LRs as given, whatever the number of processes
+    linear = "linear"  # LRs times the number of processes (the global batch grows with it)
+
+
 class ScheduleName(str, Enum):
     constant = "constant"
     step = "step"
@@ -207,6 +212,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scale_lr: LRScaling = LRScaling.none  # with trainer.devices=N: linear multiplies every LR by N
 
 
 @dataclass

@@ -77,12 +77,14 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     return out
 
 
-def processes_text(world: Any, batch_size: int) -> str:
-    """With several processes: how many, and the batch each takes and all take together (the
-    LRs are as configured, for that global batch)."""
+def processes_text(world: Any, batch_size: int, scaling: Any = None) -> str:
+    """With several processes: how many, the batch each takes and all take together, and whether
+    the LRs were scaled for that global batch (optimizer.scale_lr)."""
     if not world.distributed:
         return ""
-    return f", {world.size} processes, batch {batch_size} per process, {batch_size * world.size} in all"
+    lrs = f"LRs x{world.size} (optimizer.scale_lr=linear)" if getattr(scaling, "value", scaling) == "linear" \
+        else "LRs as given (optimizer.scale_lr=none)"
+    return f", {world.size} processes, batch {batch_size} per process, {batch_size * world.size} in all, {lrs}"
 
 
 def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> Dict[str, Any]:
@@ -93,7 +95,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
     ui.show_plan(
         f"Plan: {cfg.model.name} ({parts.built.weights}), strategy={label or recipe.kind.value}, "
         f"{len(splits.classes)} classes, {recipe.epochs} epochs, device={env.device.type}, precision={env.precision.name}"
-        + (", channels_last" if env.channels_last else "") + processes_text(env.world, cfg.data.batch_size),
+        + (", channels_last" if env.channels_last else "") + processes_text(env.world, cfg.data.batch_size, cfg.optimizer.scale_lr),
         rows, trainable, total, notes(cfg, parts),
     )
     return {

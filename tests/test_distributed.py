@@ -165,3 +165,25 @@ def test_a_sweep_of_multi_process_jobs_records_each_job_and_its_objective(tmp_pa
     summaries = [json.loads((r / "summary.json").read_text()) for r in run_dirs(sweep)]
     assert [s["status"] for s in summaries] == ["completed", "completed"] and all(s["processes"] == 2 for s in summaries)
     assert "Sweep:" in proc.stdout
+
+
+def test_linear_lr_scaling_multiplies_by_the_number_of_processes():
+    from conftest import compose_config
+
+    from finetune_cli.build import base_lr
+    from finetune_cli.checks import typed_config
+
+    plain = typed_config(compose_config(["debug=tiny", "optimizer.lr=0.01", "strategy.lr_scale=0.5"])[0])
+    linear = typed_config(compose_config(["debug=tiny", "optimizer.lr=0.01", "strategy.lr_scale=0.5",
+                                          "optimizer.scale_lr=linear"])[0])
+    assert base_lr(plain, 4) == pytest.approx(0.005) and base_lr(linear, 1) == pytest.approx(0.005)
+    assert base_lr(linear, 4) == pytest.approx(0.02)
+
+
+@pytest.mark.slow  # 35 s
+def test_the_plan_and_the_lrs_of_a_linearly_scaled_two_process_run(tmp_path):
+    proc = cli(["debug=tiny", "trainer.devices=2", "optimizer.scale_lr=linear", "hydra.run.dir=outputs/run"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "LRs x2 (optimizer.scale_lr=linear)" in proc.stdout
+    assert proc.stdout.count("finetune-cli: overrides") == 1
+    assert float(_metrics(tmp_path / "outputs" / "run")[0]["lr_head"]) == pytest.approx(2e-3)
