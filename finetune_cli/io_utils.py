@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -223,25 +223,25 @@ def _truncated(path: Path, exc: Exception) -> bool:
     error that says so."""
     import zipfile
 
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+    if _head(path) == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         return True
     text = str(exc)
     return any(m in text for m in ("failed finding central directory", "unexpected EOF", "Ran out of input"))
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """A zip archive (torch.save's format) or a pickle (protocol 2 and up start with 0x80)."""
+def _head(path: Path) -> Optional[bytes]:
+    """A file's first 4 bytes (None when it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            return f.read(4)
     except OSError:
-        return True
-    return head.startswith((b"PK", b"\x80"))
+        return None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle (protocol 2 and up start with 0x80)."""
+    head = _head(path)
+    return head is None or head.startswith((b"PK", b"\x80"))
 
 
 def safe_torch_load(path: Path) -> Any:

@@ -27,13 +27,34 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-class GracefulStop:
+class _Handling:
+    """Installs ``self._handle`` for SIGINT and SIGTERM while in use (main thread only), and puts
+    back the handlers it replaced."""
+
+    def __init__(self) -> None:
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class GracefulStop(_Handling):
     """``on_second``: called with the signal number before the second signal ends the process
     (the run records itself as interrupted there)."""
 
     def __init__(self, on_second: Optional[Callable[[int], None]] = None) -> None:
+        super().__init__()
         self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
         self._on_second = on_second
 
     def requested(self) -> bool:
@@ -53,35 +74,11 @@ class GracefulStop:
             "(send it again to quit at once)."
         )
 
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class StopAtOnce:
+class StopAtOnce(_Handling):
     """Before the epochs, where there is no step to finish: SIGTERM or Ctrl-C raises
     ``Interrupted`` (stage "setup") at once, so the run still records how it ended. The epoch loop
     and the synthetic pretraining install ``GracefulStop`` inside it."""
 
-    def __init__(self) -> None:
-        self._previous: Dict[int, Any] = {}
-
-    @staticmethod
-    def _handle(signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         raise Interrupted(signum, stage="setup")
-
-    def __enter__(self) -> "StopAtOnce":
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
