@@ -10,12 +10,14 @@ PY := $(VENV)/bin/python
 .PHONY: install quickstart smoke lint test test-all clean
 
 # uv installs the same packages as pip in half the time (torch alone is ~5 GB); where uv
-# cannot be had, pip does it. Bytecode is compiled at install, as pip does: with
+# cannot be had, pip does it. The editable install puts the checkout on sys.path (compat mode), so that
+# Hydra finds the launchers in hydra_plugins/ as it finds an installed plugin. Bytecode is compiled at install, as pip does: with
 # PYTHONDONTWRITEBYTECODE set, every import would otherwise compile torch from source again.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	{ $(PY) -m pip install --quiet uv && $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'; } \
-	  || $(PY) -m pip install --quiet -e '.[dev]'
+	{ $(PY) -m pip install --quiet uv && $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) \
+	    -C editable_mode=compat -e '.[dev]'; } \
+	  || $(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -115,6 +115,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
             "val_images": len(splits.val),
         },
         "device": env.device.type,
+        "placement": placement(),
         "processes": env.world.size,
         "global_batch_size": cfg.data.batch_size * env.world.size,
         "precision": env.precision.name,
@@ -126,3 +127,16 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
         "groups": rows,
         "output_dir": str(out_dir),
     }
+
+
+def placement() -> Dict[str, Any]:
+    """Where this process ran: the GPUs it could see, its cores and torch threads (a sweep's
+    parallel jobs each get their own)."""
+    import os
+
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "cores": cores,
+            "threads": torch.get_num_threads()}
+
