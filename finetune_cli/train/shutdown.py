@@ -1,6 +1,7 @@
-"""Graceful stop on SIGTERM or Ctrl-C: the run finishes its current step, keeps its last
-complete checkpoint, records the interruption and exits 143 (SIGTERM) or 130 (SIGINT).
-A second signal exits at once."""
+"""Graceful stop on SIGTERM, Ctrl-C or SIGUSR2 (the warning SLURM and submitit send before a time
+limit or a preemption): the run finishes its current step, keeps its last complete checkpoint,
+records the interruption and exits 128 + the signal: 143 (SIGTERM), 130 (SIGINT), 140 (SIGUSR2;
+a SLURM sweep job then requeues itself and resumes). A second signal exits at once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("finetune_cli")
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class Interrupted(Exception):
@@ -28,7 +29,7 @@ class Interrupted(Exception):
 
 
 class _Handling:
-    """Installs ``self._handle`` for SIGINT and SIGTERM while in use (main thread only), and puts
+    """Installs ``self._handle`` for SIGNALS while in use (main thread only), and puts
     back the handlers it replaced."""
 
     def __init__(self) -> None:

@@ -92,6 +92,8 @@ class _Jobs(BaseSubmititLauncher):
         from finetune_cli.errors import FinetuneError
 
         try:
+            if not _has_results(job):  # (asking would wait on the job's accounting, which may be off)
+                raise RuntimeError("the job ended and wrote no result")
             return job.results()[0]
         except Exception as exc:  # submitit's UncompletedJobError / FailedJobError
             last = str(exc).strip().splitlines()[-1:] or ["no result"]
@@ -207,16 +209,48 @@ class SlurmLauncher(_Jobs):
         started = time.monotonic()
         try:
             while any(r is None for r in results):
+                time.sleep(2 * POLL_S)
+                active = _queued({j.job_id.split("_")[0] for j in jobs})
                 for i, job in enumerate(jobs):
-                    if results[i] is None and job.done():
+                    if results[i] is None and (_has_results(job) or job.job_id not in active):
                         results[i] = self._result(job, initial_job_idx + i, job_overrides[i])
                         self._report(results[i], initial_job_idx + i, time.monotonic() - started)
-                time.sleep(2 * POLL_S)
         except KeyboardInterrupt:
             log.error(f"Stopped waiting; the jobs go on in SLURM: squeue -j {','.join(j.job_id for j in jobs)}. "
                       f"`finetune-cli-report {sweep_dir}` tables them when they are done.")
             raise SystemExit(130) from None
         return [r for r in results if r is not None]
+
+
+def _has_results(job: Any) -> bool:
+    """Every task of the job wrote its result (the job may still be ending)."""
+    return all(task.paths.result_pickle.exists() for task in (job._sub_jobs or [job]))
+
+
+ACTIVE = {"PD", "R", "CG", "CF", "RQ", "RS", "RH", "RF", "S", "SI", "SO", "ST"}  # squeue's states of a live job
+
+
+def _queued(arrays: Any) -> set:
+    """The ids (ARRAY_TASK) of the arrays' jobs still pending, running or being requeued. (squeue,
+    not sacct: a cluster may keep no accounting, and a requeued job is still in the queue.)"""
+    import subprocess
+
+    done = subprocess.run(["squeue", "-h", "-r", "-o", "%i %t", "-j", ",".join(sorted(arrays))],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        if "invalid job id" in done.stderr.lower():  # gone from the queue: ended a while ago
+            return set()
+        return _ALL  # squeue itself failed: every job still counts as there; asked again next time
+    return {line.split()[0] for line in done.stdout.splitlines() if len(line.split()) == 2
+            and line.split()[1] in ACTIVE}
+
+
+class _Everything(set):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ALL = _Everything()
 
 
 def _base_conf() -> Any:
