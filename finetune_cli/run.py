@@ -72,8 +72,10 @@ def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: 
     here = parts.env.world
     if here.distributed:
         world.same_as_main(parts.model)  # whatever each process drew or read, rank 0's weights
-        if not start.checkpoint and not here.main:  # each draws its own augmentations from here on
-            seed_everything(cfg.trainer.seed + here.rank, cfg.trainer.deterministic)
+        saved = len(ckpt.get("rng_ranks") or [ckpt["rng"]]) if start.checkpoint and ckpt else 0
+        if not here.main and here.rank >= saved:  # each draws its own augmentations from here on (a resumed
+            # process the saved run had continues its saved streams)
+            seed_everything(cfg.trainer.seed + here.rank + 7919 * start.saved_epoch, cfg.trainer.deterministic)
     if start.finished:
         return already_finished(start.checkpoint, start.finished)
 

@@ -16,6 +16,7 @@ from helpers import REPO
     ("bench_decode.py", "reduced decode img/s"),
     ("bench_gpu.py", "x plain"),
     ("bench_ddp.py", "2 processes / 1 process: "),
+    ("bench_sweep.py", "serial / parallel: "),
 ])
 def test_benchmark_runs(script, expect, tmp_path):
     args = [sys.executable, script, "--quick", "--workdir", str(tmp_path)]

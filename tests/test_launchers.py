@@ -109,3 +109,29 @@ def test_a_failed_parallel_job_stops_no_other_and_the_table_still_closes_the_swe
     assert "#0 failed" in proc.stdout and "#1 finished" in proc.stdout
     assert proc.stdout.count("Sweep: ") == 1 and "completed" in proc.stdout and "failed" in proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.fault
+def test_sigterm_to_a_parallel_sweep_stops_its_running_job_cleanly_and_starts_no_more(tmp_path):
+    """The running job saves and records its interruption; the jobs not started never start; the
+    sweep exits 143 with its table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_cli", "-m", "hydra/launcher=parallel",
+                             "hydra.launcher.jobs=1", "hydra.sweep.dir=sweep", "debug=tiny", "strategy=full",
+                             "trainer.epochs=30", "trainer.seed=1,2,3"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "sweep").glob("0_*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    (run,) = run_dirs(tmp_path / "sweep")  # job 0 alone started
+    summary = _summary(run)
+    assert summary["status"] == "interrupted" and (run / "checkpoints" / "last.pt").is_file()
+    assert "no more jobs start" in out and "2 not started" in out
+    assert out.count("Sweep: ") == 1 and "Traceback" not in out

@@ -96,7 +96,8 @@ class TrainState:
         self.controller.load_state_dict(ckpt["strategy"])
         here = world.from_env()
         ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
-        set_rng_state(ranks[here.rank] if len(ranks) == here.size else ckpt["rng"], self.loader_generator)
+        if here.rank < len(ranks):  # (a process the saved run did not have keeps its own seeded streams)
+            set_rng_state(ranks[here.rank], self.loader_generator)
         return int(ckpt["epoch"]) + 1
 
     def restore_weights(self, ckpt: Dict[str, Any]) -> None:
@@ -171,8 +172,25 @@ def changed_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> Li
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in FREE_TO_CHANGE)
 
-    return [f"{k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
-            if not free(k) and before[k] != after[k]]
+    changes = {k: f"{k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
+               if not free(k) and before[k] != after[k]}
+    if {"trainer.devices", "data.batch_size"} & set(changes):
+        was, now_ = _global_batch(before), _global_batch(after)
+        if was is not None and was == now_:  # the same global batch over another number of processes
+            changes.pop("trainer.devices", None)
+            changes.pop("data.batch_size", None)
+        elif was is not None and "trainer.devices" in changes and now_ is not None:
+            per = was / max(1, int(str(after["trainer.devices"])))
+            hint = f"data.batch_size={int(per)}" if per == int(per) else "a number of processes that divides it"
+            changes["trainer.devices"] += (f" (the global batch was {was}, now {now_}: with another number of "
+                                           f"processes keep it, {hint})")
+    return list(changes.values())
+
+
+def _global_batch(flat: Dict[str, Any]) -> Optional[int]:
+    """data.batch_size x trainer.devices, where both are numbers."""
+    devices, batch = str(flat.get("trainer.devices", "1")).strip(), flat.get("data.batch_size")
+    return int(batch) * int(devices) if devices.isdigit() and isinstance(batch, int) else None
 
 
 def settings_check(spec: Optional[str], run_dir: Path, resolved: Dict[str, Any]) -> None:
