@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 
-from common import machine, parser, table, workdir
+from common import machine, parser, synthetic_run, table, workdir
 
 
 def run(overrides, out) -> float:
@@ -40,10 +40,8 @@ def main() -> None:
     per_class, classes = (8, 3) if a.quick else (40, 10)
     if a.quick:
         a.epochs, a.size = 2, 32
-    common = ["data=synthetic", f"data.synthetic.image_size={a.size}", f"data.image_size={a.size}",
-              f"data.synthetic.classes={classes}", f"data.synthetic.train_per_class={per_class}",
-              "data.synthetic.val_per_class=4", f"model.name={a.model}", "model.weights=null", "strategy=full",
-              f"trainer.epochs={a.epochs}", "data.num_workers=0", "trainer.device=cpu" if a.quick else "trainer.device=auto"]
+    common = [*synthetic_run(a.size, classes, per_class, a.model, a.epochs), "model.weights=null", "strategy=full",
+              "trainer.device=cpu" if a.quick else "trainer.device=auto"]
     out = workdir(a.workdir)
     print(f"{machine()}\n{a.model}, {a.size} px, full fine-tuning, global batch {a.batch}, "
           f"{classes * per_class} training images, {a.epochs} epochs")

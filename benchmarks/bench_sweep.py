@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, parser, table, workdir
+from common import machine, parser, synthetic_run, table, workdir
 
 STRATEGIES = "linear_probe,freeze_early,partial,full"
 
@@ -48,10 +48,7 @@ def main() -> None:
     per_class, classes = (8, 3) if a.quick else (30, 10)
     if a.quick:
         a.epochs, a.size = 1, 32
-    common = ["data=synthetic", f"data.synthetic.image_size={a.size}", f"data.image_size={a.size}",
-              f"data.synthetic.classes={classes}", f"data.synthetic.train_per_class={per_class}",
-              "data.synthetic.val_per_class=4", f"model.name={a.model}", "model.weights=synthetic",
-              f"trainer.epochs={a.epochs}", "data.num_workers=0"]
+    common = [*synthetic_run(a.size, classes, per_class, a.model, a.epochs), "model.weights=synthetic"]
     out = workdir(a.workdir)
     print(f"{machine()}\n{a.model}, {a.size} px, {classes * per_class} training images, {a.epochs} epochs; "
           f"jobs: {STRATEGIES}")

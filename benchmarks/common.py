@@ -34,6 +34,15 @@ def workdir(arg: str | None) -> Path:
     return Path(arg) if arg else Path(tempfile.mkdtemp(prefix="finetune-bench-"))
 
 
+def synthetic_run(size: int, classes: int, per_class: int, model: str, epochs: int) -> List[str]:
+    """The overrides of a run on generated data: ``classes`` x ``per_class`` training images (4
+    per class to validate) of ``size`` px, ``model``, ``epochs`` epochs, no loader workers."""
+    return ["data=synthetic", f"data.synthetic.image_size={size}", f"data.image_size={size}",
+            f"data.synthetic.classes={classes}", f"data.synthetic.train_per_class={per_class}",
+            "data.synthetic.val_per_class=4", f"model.name={model}", f"trainer.epochs={epochs}",
+            "data.num_workers=0"]
+
+
 def synthetic_folder(classes: int, train_per_class: int, val_per_class: int, size: int) -> Path:
     """A generated ImageFolder (train/ and val/), cached like the tool's own synthetic data."""
     return generate(SyntheticSpec("target", classes, train_per_class, val_per_class, size, 0), cache_dir(None))

@@ -212,7 +212,8 @@ class SlurmLauncher(_Jobs):
                 time.sleep(2 * POLL_S)
                 active = _queued({j.job_id.split("_")[0] for j in jobs})
                 for i, job in enumerate(jobs):
-                    if results[i] is None and (_has_results(job) or job.job_id not in active):
+                    gone = active is not None and job.job_id not in active
+                    if results[i] is None and (_has_results(job) or gone):
                         results[i] = self._result(job, initial_job_idx + i, job_overrides[i])
                         self._report(results[i], initial_job_idx + i, time.monotonic() - started)
         except KeyboardInterrupt:
@@ -230,9 +231,10 @@ def _has_results(job: Any) -> bool:
 ACTIVE = {"PD", "R", "CG", "CF", "RQ", "RS", "RH", "RF", "S", "SI", "SO", "ST"}  # squeue's states of a live job
 
 
-def _queued(arrays: Any) -> set:
-    """The ids (ARRAY_TASK) of the arrays' jobs still pending, running or being requeued. (squeue,
-    not sacct: a cluster may keep no accounting, and a requeued job is still in the queue.)"""
+def _queued(arrays: Any) -> Optional[set]:
+    """The ids (ARRAY_TASK) of the arrays' jobs still pending, running or being requeued; None when
+    squeue could not tell. (squeue, not sacct: a cluster may keep no accounting, and a requeued
+    job is still in the queue.)"""
     import subprocess
 
     done = subprocess.run(["squeue", "-h", "-r", "-o", "%i %t", "-j", ",".join(sorted(arrays))],
@@ -240,17 +242,9 @@ def _queued(arrays: Any) -> set:
     if done.returncode != 0:
         if "invalid job id" in done.stderr.lower():  # gone from the queue: ended a while ago
             return set()
-        return _ALL  # squeue itself failed: every job still counts as there; asked again next time
-    return {line.split()[0] for line in done.stdout.splitlines() if len(line.split()) == 2
-            and line.split()[1] in ACTIVE}
-
-
-class _Everything(set):
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-_ALL = _Everything()
+        return None  # squeue itself failed: asked again next time
+    rows = [line.split() for line in done.stdout.splitlines()]
+    return {row[0] for row in rows if len(row) == 2 and row[1] in ACTIVE}
 
 
 def _base_conf() -> Any:
