@@ -23,11 +23,12 @@ from finetune_cli.config import (
     ScheduleConfig,
 )
 from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
+from finetune_cli.errors import FinetuneError
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
 from finetune_cli.models.factory import load_weights_file, preprocess_for
-from finetune_cli.models.groups import head_paths
+from finetune_cli.models.groups import head_paths, layer_groups
 from finetune_cli.models.pretrain import estimate_seconds, synthetic_weights, synthetic_weights_path
 from finetune_cli.models.tail import Tail, find_tail
 from finetune_cli.models.weights import WeightsChoice, hub_file
@@ -44,6 +45,7 @@ from finetune_cli.train.optim import Schedule, build_optimizer, layerwise_lrs, p
 from finetune_cli.train.recipe import Recipe, resolve
 from finetune_cli.train.regularizers import AnchorPenalty, backbone_params, fisher_with_source_head
 from finetune_cli.train.strategies import Controller
+from finetune_cli.train.syncbn import sync_batchnorms, sync_bn_problem
 from finetune_cli.world import World, from_env, join
 
 log = logging.getLogger("finetune_cli")
@@ -161,7 +163,26 @@ def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) 
     built.model.to(env.device)
     if env.channels_last:
         built.model.to(memory_format=torch.channels_last)
+    if cfg.trainer.sync_bn:
+        synchronise_batchnorms(built, env)
     return built
+
+
+def synchronise_batchnorms(built: BuiltModel, env: Env) -> None:
+    """trainer.sync_bn=true: with several processes, every BatchNorm computes its statistics over
+    the global batch (before the strategy freezes anything; frozen ones stay in eval and exchange
+    nothing). With one process there is nothing to share, and the note says so."""
+    if not env.world.distributed:
+        built.notes.append("trainer.sync_bn=true changes nothing with one process: BatchNorm already sees the "
+                           "whole batch.")
+        return
+    problem = sync_bn_problem(env.world.size, env.device.type)
+    if problem:
+        raise FinetuneError(problem)
+    count = sync_batchnorms(built.model)
+    built.groups = layer_groups(built.model, built.family)  # the groups hold the new modules
+    built.notes.append(f"BatchNorm synchronised: {count} layers compute their training statistics over the global "
+                       f"batch of {env.world.size} processes (trainer.sync_bn=true); frozen ones keep their own.")
 
 
 def regularizer(reg: RegularizerConfig, built: BuiltModel, backbone: list, splits: Splits, pre: Preprocess,

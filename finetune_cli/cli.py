@@ -106,9 +106,16 @@ def ready_to_run(cfg: Config) -> None:
     from finetune_cli.models.weights import fetch_ahead
 
     check_against_model(cfg)
-    from finetune_cli.world import wanted
+    from finetune_cli.world import from_env, wanted
 
-    wanted(cfg.trainer.devices, cfg.trainer.device.value)  # more GPUs than there are
+    processes = max(wanted(cfg.trainer.devices, cfg.trainer.device.value), from_env().size)  # too many GPUs?
+    if cfg.trainer.sync_bn:
+        from finetune_cli.runtime import pick_device
+        from finetune_cli.train.syncbn import sync_bn_problem
+
+        problem = sync_bn_problem(processes, pick_device(cfg.trainer.device).type)
+        if problem:
+            raise FinetuneError(f"Invalid configuration: {problem}")
     if not cfg.plan and cfg.preview.value == "off":
         fetch_ahead(cfg.model.name, cfg.model.weights, progress=ui.interactive())
 

@@ -264,6 +264,7 @@ class TrainerConfig:
     save_every: int = 0  # also keep checkpoints/epoch_NNN.pt every N epochs; 0 = only last/best
     device: Device = Device.auto
     devices: str = "1"  # processes, one per GPU (data-parallel): a number, or auto = every visible GPU
+    sync_bn: bool = False  # with several processes on GPUs: BatchNorm statistics over the global batch
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     amp: Amp = Amp.auto
