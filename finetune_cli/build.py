@@ -23,9 +23,9 @@ from finetune_cli.config import (
     ScheduleConfig,
 )
 from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
-from finetune_cli.errors import FinetuneError
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
+from finetune_cli.errors import FinetuneError
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
 from finetune_cli.models.factory import load_weights_file, preprocess_for
 from finetune_cli.models.groups import head_paths, layer_groups

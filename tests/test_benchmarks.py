@@ -17,6 +17,7 @@ from helpers import REPO
     ("bench_gpu.py", "x plain"),
     ("bench_ddp.py", "2 processes / 1 process: "),
     ("bench_sweep.py", "serial / parallel: "),
+    ("bench_ddp_unfreeze.py", "wrap once / rewrap: "),
 ])
 def test_benchmark_runs(script, expect, tmp_path):
     args = [sys.executable, script, "--quick", "--workdir", str(tmp_path)]

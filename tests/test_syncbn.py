@@ -6,12 +6,13 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import cli
 from finetune_cli.config import BNMode
 from finetune_cli.models.families import family_of
 from finetune_cli.models.groups import layer_groups
 from finetune_cli.train.freezing import apply_freezing, mask_for
 from finetune_cli.train.syncbn import sync_batchnorms
+
+from helpers import cli
 
 
 def _resnet():
