@@ -16,12 +16,12 @@ from __future__ import annotations
 import statistics
 
 import torch
-
 from common import machine, parser, synthetic_folder, synthetic_run, table, tool_run, workdir
+from plain_loop import plain_finetune
+
 from finetune_cli.models.pretrain import synthetic_weights
 from finetune_cli.paths import cache_dir
 from finetune_cli.train.engine import Precision
-from plain_loop import plain_finetune
 
 PRESETS = ["linear_probe", "freeze_early", "partial", "full", "discriminative", "progressive", "ulmfit", "two_phase",
            "staged", "auto"]

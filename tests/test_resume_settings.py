@@ -19,7 +19,7 @@ TINY = ("debug=tiny",)
     [
         ("strategy=full", "strategy.name: linear_probe -> full"),
         ("optimizer.lr=0.01", "optimizer.lr: 0.001 -> 0.01"),
-        ("strategy.lr_scale=0.1", "strategy.lr_scale: 1.0 -> 0.1"),
+        ("strategy.lr_scale=0.1", "strategy.lr_scale: 10.0 -> 0.1"),
         ("optimizer=sgd", "optimizer.name: adamw -> sgd"),
         ("model.head=mlp", "model.head: linear -> mlp"),
         ("trainer.epochs=4", "Its LR schedule was laid out for its own number of epochs"),
