@@ -229,4 +229,4 @@ def test_the_plan_and_the_lrs_of_a_linearly_scaled_two_process_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "LRs x2 (optimizer.scale_lr=linear)" in proc.stdout
     assert proc.stdout.count("finetune-cli: overrides") == 1
-    assert float(_metrics(tmp_path / "outputs" / "run")[0]["lr_head"]) == pytest.approx(2e-3)
+    assert float(_metrics(tmp_path / "outputs" / "run")[0]["lr_head"]) == pytest.approx(2e-2)  # linear_probe: 1e-3 x 10, x2
