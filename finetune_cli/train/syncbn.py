@@ -12,20 +12,14 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def sync_batchnorms(model: nn.Module) -> int:
-    """Replace, in place, every BatchNorm under ``model`` (never ``model`` itself) by a
-    ``SyncBatchNorm`` holding the same parameters and buffers; returns how many were replaced."""
-    count = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-            count += 1
-        else:
-            count += sync_batchnorms(child)
-    return count
+    """Replace, in place, every BatchNorm under ``model`` (a classifier, never a BatchNorm itself)
+    by a ``SyncBatchNorm`` holding the same parameters and buffers; returns how many there are."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model, "the root module is not a BatchNorm, so it is changed in place"
+    return sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
 
 def sync_bn_problem(processes: int, device_type: str) -> Optional[str]:
