@@ -154,6 +154,29 @@ def atomic_copy(src: Path, dst: Path) -> None:
         _atomic(dst, lambda f: shutil.copyfileobj(source, f, 16 * 2**20))
 
 
+def atomic_link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a second name of ``src`` (a hard link): the same bytes, stored once. Sound
+    because nothing here changes a file in place: every save writes a new file and renames it over
+    the old name, so the next save of ``src`` leaves ``dst`` holding what it holds now. Where a
+    link cannot be made (another filesystem, one without hard links), the bytes are copied."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, dst):
+            return  # already one file (renaming a link onto its own file would do nothing)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_copy(src, dst)
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_json(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 

@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Optional
 from finetune_cli import ui
 from finetune_cli.errors import Refused
 from finetune_cli.io_utils import (
-    atomic_copy,
     atomic_csv,
     atomic_json,
+    atomic_link,
     atomic_torch_save,
     atomic_write_bytes,
     text_bytes,
@@ -103,7 +103,7 @@ class Recorder:
         self.summary.update({"events": list(events), "resumed_from": str(checkpoint)})
         source = checkpoint.parent / self.stage_best.name
         if source.is_file() and source.resolve() != self.stage_best.resolve():
-            self._write(atomic_copy, source, self.stage_best)
+            self._write(atomic_link, source, self.stage_best)
 
     # -- every epoch --------------------------------------------------------------------------
 
@@ -117,8 +117,8 @@ class Recorder:
         self._write(atomic_torch_save, checkpoint, self.last)
         self.saved_epoch, self.saved_here = int(row["epoch"]), True
         for name, wanted in (("best.pt", best), (keep_as, bool(keep_as)), (self.stage_best.name, stage_best)):
-            if wanted:  # the same bytes: copied, not serialized again
-                self._write(atomic_copy, self.last, self.checkpoints / name)
+            if wanted:  # the same bytes: linked to last.pt, neither serialized nor stored again
+                self._write(atomic_link, self.last, self.checkpoints / name)
         self.summary.update(summary, total_seconds=self.seconds())
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
 

@@ -30,7 +30,8 @@ def sweep(tmp_path_factory, cache_dir):
     proc = cli(["-m", "strategy=linear_probe,freeze_early,full", *SMALL, *TINY, "trainer.epochs=2"], root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (multirun,) = (root / "outputs" / "multirun").glob("*/*")
-    return multirun
+    yield multirun
+    shutil.rmtree(root, ignore_errors=True)  # its checkpoints, once the module's tests are done
 
 
 def _val_folder(run: Path) -> Path:

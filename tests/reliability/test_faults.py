@@ -127,10 +127,10 @@ def test_images_over_pillows_own_limit_open_when_max_image_pixels_allows_them(tm
 
 # -- storage: a full disk, read-only folders (real file systems, in a private mount namespace) ----
 
-# A tmpfs of 110 MB holds one epoch's last.pt and best.pt of resnet18 (45 MB each), not the next save.
+# A tmpfs of 60 MB holds one epoch's last.pt of resnet18 (45 MB; best.pt is the same file), not the next save.
 SANDBOX = r"""
 set -u
-mount -t tmpfs -o size=110m tmpfs "$FS" || exit 99
+mount -t tmpfs -o size=60m tmpfs "$FS" || exit 99
 mkdir -p "$FS/work" && cd "$FS/work"
 {prepare}
 "$PY" -m finetune_cli debug=tiny {args} > "$OUT/stdout" 2> "$OUT/stderr"

@@ -37,6 +37,34 @@ def test_a_save_failing_midway_leaves_the_previous_file(tmp_path, monkeypatch):
     assert resolve_checkpoint(str(tmp_path), prefer="last.pt") == path
 
 
+def test_a_linked_checkpoint_keeps_its_bytes_when_the_original_is_saved_again(tmp_path):
+    """best.pt was a second full copy of last.pt's bytes: two checkpoints on disk per run."""
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    io_utils.atomic_torch_save({"epoch": 1}, last)
+    io_utils.atomic_link(last, best)
+    assert best.stat().st_ino == last.stat().st_ino and last.stat().st_nlink == 2  # stored once
+    io_utils.atomic_link(last, best)  # linking again onto its own file leaves no temporary behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    io_utils.atomic_torch_save({"epoch": 2}, last)  # the next save renames a new file over last.pt
+    assert torch.load(best, weights_only=True) == {"epoch": 1}
+    assert torch.load(last, weights_only=True) == {"epoch": 2}
+    assert best.stat().st_nlink == 1
+
+
+def test_where_no_link_can_be_made_the_bytes_are_copied(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    io_utils.atomic_torch_save({"epoch": 1}, last)
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    io_utils.atomic_link(last, best)
+    assert best.stat().st_ino != last.stat().st_ino
+    assert torch.load(best, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
 class _Sentinel:
     """Unpickling this would create a file: the proof that code ran."""
 

@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from finetune_cli.errors import FinetuneError, Refused
 from finetune_cli.io_utils import atomic_json, folder_lock, safe_torch_load
@@ -40,6 +41,19 @@ def test_a_truncated_checkpoint_is_named_as_such(tmp_path, finetune):
     with pytest.raises(FinetuneError, match="is truncated or corrupt") as info:
         safe_torch_load(last)
     assert "Refused" not in str(info.value)
+
+
+def test_a_runs_checkpoints_of_the_same_epoch_are_one_file(finetune):
+    summary, run = finetune(*TINY, "trainer.epochs=3", "trainer.save_every=1")
+    ckpts = run / "checkpoints"
+    inode = {p.name: p.stat().st_ino for p in ckpts.glob("*.pt")}
+    assert inode["epoch_003.pt"] == inode["last.pt"]
+    best = summary["best"]["epoch"]
+    assert inode["best.pt"] == inode[f"epoch_{best:03d}.pt"]
+    assert len(set(inode.values())) == 3  # three epochs saved, three files stored
+    for epoch in (1, 2, 3):
+        assert torch.load(ckpts / f"epoch_{epoch:03d}.pt", weights_only=True)["epoch"] == epoch
+    assert torch.load(ckpts / "best.pt", weights_only=True)["epoch"] == best
 
 
 @pytest.mark.fault
