@@ -38,7 +38,7 @@ class RegularizerName(str, Enum):
 
 class BNMode(str, Enum):
     frozen_eval = "frozen_eval"  # BatchNorm in frozen groups runs in eval mode
-    train = "train"  # every BatchNorm updates its statistics
+    train = "train"  # every BatchNorm updates its statistics (frozen groups' weights stay as they are)
     freeze_all = "freeze_all"  # every BatchNorm in eval mode, even in trainable groups
 
 
@@ -174,7 +174,7 @@ class StrategyConfig:
     freeze_groups: int = 2  # freeze_early: how many groups, from the input side, stay frozen
     train_groups: int = 1  # partial: how many groups below the head train
     lr_scale: float = 1.0  # multiplies optimizer.lr for this strategy (full fine-tuning: low LR)
-    bn: BNMode = BNMode.frozen_eval
+    bn: BNMode = BNMode.train  # frozen groups' statistics follow the target data; linear_probe: frozen_eval
     # discriminative LRs (any strategy): optimizer.lr x lr_scale is the head's LR; each group
     # below gets the LR of the group above divided by lr_decay; or an explicit list
     lr_decay: float = 1.0
@@ -193,7 +193,7 @@ class StrategyConfig:
     # freeze the early half of the groups; else full fine-tuning with discriminative LRs
     auto_small: int = 100
     auto_large: int = 1000
-    auto_lr_decay: float = 2.6
+    auto_lr_decay: float = 1.5
 
 
 @dataclass

@@ -168,3 +168,19 @@ def test_freeze_all_keeps_the_pretrained_batchnorm_fixed_but_trains_the_new_head
     for (mean, var, n), (mean0, var0, n0) in zip(_bn_stats(m for g in built.groups[:-1] for m in g.modules),
                                                  backbone_before):
         assert torch.equal(mean, mean0) and torch.equal(var, var0) and torch.equal(n, n0)
+
+
+def test_frozen_groups_follow_the_target_statistics_by_default_and_the_probe_keeps_them(finetune):
+    """strategy.bn=train is the default: a frozen group's weights stay as pretrained while its
+    BatchNorm statistics follow the target data; linear_probe keeps both as pretrained."""
+    def stem(*overrides, name):
+        _, run = finetune("debug=tiny", "trainer.epochs=1", *overrides, name=name)
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        return state["conv1.weight"], state["bn1.running_mean"]
+
+    probe_w, probe_mean = stem("strategy=linear_probe", name="probe")
+    early_w, early_mean = stem("strategy=freeze_early", name="early")
+    held_w, held_mean = stem("strategy=freeze_early", "strategy.bn=frozen_eval", name="held")
+    assert torch.equal(probe_w, early_w) and torch.equal(probe_w, held_w)  # frozen: as pretrained
+    assert torch.equal(probe_mean, held_mean)  # statistics held: as pretrained
+    assert not torch.allclose(early_mean, probe_mean)  # the default: measured on the target images

@@ -135,7 +135,7 @@ def test_last_stage_with_patience_finishes_the_run():
 
 @pytest.mark.parametrize(
     "ipc, chose, k, decay",
-    [(20, "linear_probe", 0, 1.0), (300, "freeze_early", 3, 1.0), (5000, "full", 5, 2.6)],
+    [(20, "linear_probe", 0, 1.0), (300, "freeze_early", 3, 1.0), (5000, "full", 5, 1.5)],
 )
 def test_auto_chooses_by_images_per_class(ipc, chose, k, decay):
     c = ctl(name=StrategyName.auto, ipc=ipc)
