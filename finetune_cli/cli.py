@@ -255,9 +255,14 @@ def unknown_key(args: Sequence[str]) -> Optional[str]:
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0]
-        if key[:1] in "+~" or "/" in key or "@" in key or key.split(".")[0] == "hydra" or (conf_dir() / key).is_dir():
-            continue  # additions, deletions, Hydra's own keys, group paths and choices
+        key, value = arg.split("=", 1)
+        if "/" not in key and (conf_dir() / key).is_dir():
+            problem = unknown_option(key, value)
+            if problem:
+                return problem
+            continue
+        if key[:1] in "+~" or "/" in key or "@" in key or key.split(".")[0] == "hydra":
+            continue  # additions, deletions, Hydra's own keys and group paths
         node, done, parts = Config, [], key.split(".")
         for i, part in enumerate(parts):
             if not dataclasses.is_dataclass(node):
@@ -272,6 +277,26 @@ def unknown_key(args: Sequence[str]) -> Optional[str]:
                         f"{listing}. `finetune-cli --cfg job` prints every key with its value.")
             done.append(part)
             node = fields[part]
+    return None
+
+
+def unknown_option(group: str, value: str) -> Optional[str]:
+    """``group=value`` (or a sweep ``group=a,b``) naming an option the group lacks, said with the
+    closest options; Hydra's own message lists every option one per line (80 for model)."""
+    if any(c in value for c in "()[]{}$*?") or value in ("", "null"):
+        return None  # sweep functions, interpolations, deleting the group: Hydra decides
+    options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    for choice in value.split(","):
+        if choice in options:
+            continue
+        close = difflib.get_close_matches(choice, options, n=4, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        if group == "model":
+            listing = (f"model= takes the name of any of the {len(options)} torchvision classification models "
+                       f"(`finetune-cli --help` lists them)")
+        else:
+            listing = f"{group}= takes one of: {', '.join(options)}"
+        return f"Unknown {group} option '{choice}'.{hint} {listing}."
     return None
 
 

@@ -1,5 +1,7 @@
 """What the real CLI says to a newcomer: its help, and a misspelled key."""
 
+import pytest
+
 from helpers import cli
 
 
@@ -27,3 +29,15 @@ def test_group_choices_hydra_keys_and_additions_pass_through(tmp_path):
     assert unknown_key(["-m", "strategy=full,linear_probe", "debug=tiny", "hydra.run.dir=x", "hydra/launcher=basic",
                         "+extra=1", "data.synthetic.classes=3", "strategy.stages=[{epochs:1}]", "--cfg", "job"]) is None
     assert "optimizer.lr" in unknown_key(["optimizer.lrr=1"])
+
+
+@pytest.mark.bad_input
+def test_an_unknown_group_option_is_named_with_the_options_meant(tmp_path):
+    proc = cli(["model=resnet5", "debug=tiny"], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Unknown model option 'resnet5'. Did you mean resnet50" in proc.stderr
+    assert "any of the 80 torchvision classification models" in proc.stderr
+    proc = cli(["-m", "strategy=full,progresive", "debug=tiny"], tmp_path)  # one bad choice of a sweep
+    assert proc.returncode == 1 and "Unknown strategy option 'progresive'. Did you mean progressive?" in proc.stderr
+    assert "strategy= takes one of: auto, discriminative," in proc.stderr
+    assert not (tmp_path / "outputs").exists()  # stopped before any run folder

@@ -38,6 +38,28 @@ def test_every_option_composes_into_the_schema(group):
         assert isinstance(typed, Config)
 
 
+def test_model_options_are_every_torchvision_classifier():
+    """Users typed model=mobilenet_v3_large and got "Could not find 'model/...'": 9 of 80 had a file."""
+    from finetune_cli.models.factory import classification_models
+    from finetune_cli.models.model_options import out_of_date
+
+    assert out_of_date(conf_dir() / "model") == ([], [], []), "python -m finetune_cli.models.model_options"
+    assert _options("model") == classification_models() and len(_options("model")) >= 80
+
+
+def test_model_options_are_written_again_after_a_torchvision_upgrade(tmp_path):
+    from finetune_cli.models.model_options import option_text, out_of_date, write_options
+
+    (tmp_path / "resnet18.yaml").write_text(option_text("resnet18"))
+    (tmp_path / "resnet18.yaml").write_text("name: resnet18\n")  # an older text
+    (tmp_path / "gone_net.yaml").write_text("name: gone_net\n")  # a model torchvision dropped
+    missing, extra, changed = out_of_date(tmp_path)
+    assert "swin_t" in missing and extra == ["gone_net"] and changed == ["resnet18"]
+    written = write_options(tmp_path)
+    assert "resnet18" in written and "swin_t" in written
+    assert out_of_date(tmp_path) == ([], [], []) and write_options(tmp_path) == []
+
+
 def test_model_files_name_their_model():
     for option in _options("model"):
         assert OmegaConf.to_object(_compose([f"model={option}"])).model.name == option

@@ -153,3 +153,11 @@ def test_a_file_head_becomes_a_source_head_that_swaps_in(tmp_path, family):
         expected = source.model.eval()(x)
     assert swapped.shape == (1, 7)
     assert torch.allclose(swapped, expected, atol=1e-5)  # the source model's own predictions
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v3_small", "shufflenet_v2_x0_5"])
+def test_a_model_chosen_by_its_torchvision_name_trains(finetune, model):
+    """model=<name> for classifiers that had no option file of their own."""
+    summary, run = finetune(f"model={model}", "debug=tiny")
+    assert summary["status"] == "completed" and summary["model"] == model
+    assert (run / "checkpoints" / "best.pt").is_file()

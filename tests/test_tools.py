@@ -404,3 +404,50 @@ def test_report_hide_failed_leaves_out_failed_and_unscored_runs(tmp_path):
     for png in ("val_acc.png", "acc_vs_time.png"):
         with Image.open(tmp_path / png) as img:
             img.verify()
+
+
+def _with(summary, weights, root="/data/flowers", model="resnet18"):
+    return {**summary, "weights": weights, "model": model, "dataset": {"root": root}}
+
+
+def test_report_gives_the_gain_over_training_from_scratch_and_flags_negative_transfer(tmp_path):
+    pre = "ResNet18_Weights.IMAGENET1K_V1"
+    _fake_job(tmp_path / "a", ["strategy=full"], _with(_done("full", 0.90), pre))
+    _fake_job(tmp_path / "b", ["strategy=linear_probe"], _with(_done("linear_probe", 0.55), pre))
+    _fake_job(tmp_path / "c", ["strategy=full", "model.weights=null"], _with(_done("full", 0.60), "random init"))
+    _fake_job(tmp_path / "d", ["strategy=linear_probe", "model.weights=null"],
+              _with(_done("linear_probe", 0.20), "random init"))  # the best scratch run is the baseline
+    _fake_job(tmp_path / "e", ["strategy=full", "data.root=/other"], _with(_done("full", 0.70), pre, "/other"))
+    proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert float(rows["a"]["transfer_gain"]) == pytest.approx(0.30)
+    assert float(rows["b"]["transfer_gain"]) == pytest.approx(-0.05)
+    assert rows["c"]["transfer_gain"] == rows["d"]["transfer_gain"] == ""  # the scratch runs themselves
+    assert rows["e"]["transfer_gain"] == ""  # other data: no scratch run to compare with
+    assert "vs scratch" in proc.stdout and "+30.0 pp" in proc.stdout and "-5.0 pp worse" in proc.stdout
+    note = "Negative transfer: 1 run did worse than training the same model from scratch on the same data: linear_probe"
+    assert note in " ".join(proc.stdout.split())
+    md = (tmp_path / "report.md").read_text()
+    assert "vs_scratch" in md and "| scratch |" in md and note in md
+
+
+def test_transfer_check_sweeps_pretrained_and_scratch_runs(tmp_path, cache_dir):
+    """experiment=transfer_check in one command: the closing table compares against scratch."""
+    proc = cli(["-m", "experiment=transfer_check", "debug=tiny", "model.weights=synthetic,null",
+                "strategy=linear_probe,full"], tmp_path, env={"FINETUNE_CLI_CACHE": str(cache_dir)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (multirun,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    summaries = {str(run.relative_to(multirun)): json.loads((run / "summary.json").read_text())
+                 for run in run_dirs(multirun)}
+    assert sorted((s["weights"] == "random init", s["strategy"]) for s in summaries.values()) == [
+        (False, "full"), (False, "linear_probe"), (True, "full"), (True, "linear_probe")]
+    assert "vs scratch" in proc.stdout
+    report = tool("report", multirun, "--no-plots", cwd=tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader((multirun / "report.csv").open())}
+    scratch = max(s["best"]["value"] for s in summaries.values() if s["weights"] == "random init")
+    for name, s in summaries.items():
+        if s["weights"] != "random init":
+            assert float(rows[name]["transfer_gain"]) == pytest.approx(s["best"]["value"] - scratch)
+    worse = [s for s in summaries.values() if s["weights"] != "random init" and s["best"]["value"] < scratch]
+    assert ("Negative transfer" in report.stdout) == bool(worse)

@@ -23,11 +23,14 @@ from finetune_cli.tools.loading import tool_main
 from finetune_cli.tools.plots import write_plots
 from finetune_cli.tools.table import (
     Run,
+    is_scratch,
     memory_footnote,
     memory_kinds,
     memory_mark,
+    negative_transfer_note,
     read_runs,
     render_table,
+    transfer_text,
     wide_console,
 )
 from finetune_cli.ui import metric_text, pct, pp
@@ -36,7 +39,7 @@ COLUMNS = [
     "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
     "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
     "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
-    "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "error",
+    "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain", "error",
 ]
 SORT_KEYS = {
     "best": ("best", True),  # direction flips for loss monitors
@@ -87,6 +90,10 @@ def _cell(row: Dict[str, Any], key: str) -> str:
     return _fmt(row.get(key))
 
 
+def _md_cell(run: Run, key: str) -> str:
+    return transfer_text(run) if key == "vs_scratch" else _cell(run.row, key)
+
+
 def write_tables(runs: List[Run], out: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -94,18 +101,21 @@ def write_tables(runs: List[Run], out: Path) -> None:
     for r in runs:
         writer.writerow({k: ("" if r.row.get(k) is None else r.row.get(k)) for k in COLUMNS})
     atomic_write_bytes(out / "report.csv", text_bytes(buf.getvalue()))
-    shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch", "final_train_acc",
+    shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch",
+             *(["vs_scratch"] if any(is_scratch(r) for r in runs) else []), "final_train_acc",
              "train_val_gap", "epochs_run", "total_seconds", "seconds_per_epoch", "images_per_s", "trainable_pct",
              "peak_memory_mb", "grad_optimizer_mb", "feature_cache"]
     kinds = memory_kinds(runs)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in runs:
-        cells = {k: _cell(r.row, k) for k in shown}
+        cells = {k: _md_cell(r, k) for k in shown}
         if r.row["peak_memory_mb"] is not None:
             cells["peak_memory_mb"] += memory_mark(r, kinds)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells.values()) + " |")
     if kinds:
         lines += ["", memory_footnote(kinds, "peak_memory_mb")]
+    if negative_transfer_note(runs):
+        lines += ["", f"**{negative_transfer_note(runs)}**"]
     failed = [r for r in runs if r.row["error"]]
     if failed:
         lines += ["", "Failed or incomplete runs:", ""]

@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from omegaconf import ListConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from finetune_cli.ui import metric_text, pct, pp, share
+from finetune_cli.ui import is_accuracy, metric_text, pct, pp, share
 
 
 @dataclass
@@ -131,8 +132,11 @@ def read_run(path: Path, root: Path) -> Run:
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "grad_optimizer_mb": summary.get("grad_optimizer_mb"),
         "feature_cache": _cache_label(summary.get("feature_cache")),
+        "weights": str(summary.get("weights") or ""),
+        "transfer_gain": None,  # best minus the best from-scratch run's of the same model and data
         "error": str(summary.get("error") or problem or ""),
         # shown in the printed table, not written to report.csv
+        "data_root": str((summary.get("dataset") or {}).get("root") or ""),
         "initial_trainable_pct": None,
         "peak_memory_kind": summary.get("peak_memory_kind") or "",
     }
@@ -170,16 +174,71 @@ def _read_or_describe(path: Path, root: Path) -> Run:
                                  "grad_optimizer_mb", "initial_trainable_pct")}
         row.update(run=str(path.relative_to(root)) if path != root else path.name, status="unreadable",
                    model=_job_choice(path, "model.name"), strategy=_job_choice(path, "strategy.name"),
-                   overrides="", monitor="", feature_cache="", peak_memory_kind="",
+                   overrides="", monitor="", feature_cache="", peak_memory_kind="", weights="", data_root="",
+                   transfer_gain=None,
                    error=f"unreadable run folder ({type(exc).__name__}: {exc})")
         return Run(path, row, [], {})
 
 
+SCRATCH = "random init"  # summary.json's weights of a run trained from scratch (model.weights=null)
+
+
+def is_scratch(run: Run) -> bool:
+    return run.row["weights"] == SCRATCH
+
+
+def _scored(run: Run) -> bool:
+    return _is_number(run.row["best"])
+
+
+def transfer_gains(runs: Sequence[Run]) -> None:
+    """Does transfer help? Each pretrained run's ``transfer_gain``: its best metric minus that of
+    the best from-scratch run with the same model, data and monitor (for a loss, the scratch
+    run's minus its own), so that a gain is always positive and a loss of transfer negative."""
+    for r in runs:
+        if is_scratch(r) or not _scored(r):
+            continue
+        same = [s for s in runs if is_scratch(s) and _scored(s) and all(
+            s.row[k] == r.row[k] for k in ("model", "data_root", "monitor"))]
+        if not same:
+            continue
+        loss = not is_accuracy(r.row["monitor"] or "val_acc")
+        baseline = (min if loss else max)(s.row["best"] for s in same)
+        r.row["transfer_gain"] = baseline - r.row["best"] if loss else r.row["best"] - baseline
+
+
+def negative_transfer(runs: Sequence[Run]) -> List[Run]:
+    """The runs that did worse than training the same model from scratch on the same data."""
+    return [r for r in runs if _is_number(r.row["transfer_gain"]) and r.row["transfer_gain"] < 0]
+
+
+def transfer_text(run: Run) -> str:
+    """``+12.5 pp`` (a loss: ``+0.1234``), ``scratch`` for a from-scratch run, ``-`` without one."""
+    if is_scratch(run):
+        return "scratch"
+    gain = run.row["transfer_gain"]
+    if not _is_number(gain):
+        return "-"
+    return pp(gain) if is_accuracy(run.row["monitor"] or "val_acc") else f"{gain:+.4f}"
+
+
+def negative_transfer_note(runs: Sequence[Run]) -> str:
+    worse = negative_transfer(runs)
+    if not worse:
+        return ""
+    names = ", ".join(f"{r.row['strategy'] or '?'} ({transfer_text(r)}, {r.row['run']})" for r in worse)
+    return (f"Negative transfer: {len(worse)} run{'s' if len(worse) > 1 else ''} did worse than training the same "
+            f"model from scratch on the same data: {names}. The pretrained features hurt here; consider training "
+            "more of the network, a lower LR for the pretrained layers, or other weights.")
+
+
 def read_runs(paths: Sequence[Path], root: Path) -> List[Run]:
     """The runs in ``paths``, in that order; their ``overrides`` column holds the overrides
-    whose values differ between them."""
+    whose values differ between them, and ``transfer_gain`` the gain over training from scratch
+    where a from-scratch run of the same model and data is among them."""
     runs = [_read_or_describe(p, root) for p in paths]
     _differing(runs)
+    transfer_gains(runs)
     return runs
 
 
@@ -219,19 +278,26 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
     order = "Runs ranked" if job_numbers is None else "Jobs"
     kinds = memory_kinds(runs)
     table = Table(title=f"{order}; best = best {' or '.join(monitors)} (epoch)", title_justify="left",
-                  caption=memory_footnote(kinds) or None, caption_justify="left")
-    for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best", "train acc",
+                  caption_justify="left")
+    scratch = any(is_scratch(r) for r in runs)
+    for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best",
+                *(("vs scratch",) if scratch else ()), "train acc",
                 "gap", "epochs", "time s", "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
         table.add_column(col, no_wrap=col not in ("overrides", "status"))
+    notes = [n for n in (memory_footnote(kinds), negative_transfer_note(runs)) if n]
+    table.caption = escape("\n".join(notes)) or None
     for i, r in enumerate(runs):
         row = r.row
         best = metric_text(row["monitor"] or monitors[0], row["best"])
         best += f" ({row['best_epoch']})" if best != "-" else ""
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
         peak = _num(row["peak_memory_mb"], 0)
+        gain = transfer_text(r)
+        if gain.startswith("-") and gain != "-":
+            gain = f"[bold red]{gain} worse[/]"
         table.add_row(
             str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
-            row["overrides"] or "-", status, best, pct(row["final_train_acc"]),
+            row["overrides"] or "-", status, best, *((gain,) if scratch else ()), pct(row["final_train_acc"]),
             pp(row["train_val_gap"]), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
             _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0), _trainable(row),
             peak + (memory_mark(r, kinds) if peak != "-" else ""), _num(row["grad_optimizer_mb"], 1),
