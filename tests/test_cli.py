@@ -140,7 +140,7 @@ def test_folder_names_are_path_safe_and_short():
     [
         ("trainer.epochs=abc", "trainer.epochs"),
         ("trainer.epoch=3", "trainer.epoch"),
-        ("strategy=nonsense", "strategy/nonsense"),
+        ("strategy=nonsense", "Unknown strategy option 'nonsense'"),
         ("+data.extra=1", "data.extra"),
         ("data=synthetic model.name=resnet19", "Did you mean resnet18"),
         ("data.root=does/not/exist", "does not exist"),

@@ -11,6 +11,24 @@ from finetune_cli.train.memory import peak_memory, reset_peak_memory
 MB = 2**20
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed heap pages unless asked (allocations made earlier in the process can
+    pin the 300 MB below the heap's top)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _touch(mb: int) -> torch.Tensor:
     return torch.ones(mb * MB // 4)  # float32, every page written
 
@@ -22,6 +40,9 @@ def test_cpu_peak_starts_afresh_at_each_reset():
     big = _touch(300)
     first, kind = peak_memory(cpu)
     del big
+    _give_back_freed_memory()
+    if _rss_mb() > first - 250:  # what ran before in this process keeps the pages: nothing to tell apart
+        pytest.skip(f"the freed 300 MB stayed in this process (RSS {_rss_mb():.0f} MB, peak {first:.0f} MB)")
     assert reset_peak_memory(cpu)
     second, kind_after = peak_memory(cpu)
     assert kind == kind_after == "peak RSS since the run started"

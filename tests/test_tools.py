@@ -63,7 +63,8 @@ def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
     assert list(rows[0]) == ["run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
                              "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
                              "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
-                             "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "error"]
+                             "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain",
+                             "error"]
     assert len(rows) == 6
     completed = [r for r in rows if r["status"] == "completed"]
     assert sorted(r["strategy"] for r in completed) == ["freeze_early", "full", "linear_probe"]

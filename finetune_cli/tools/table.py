@@ -184,11 +184,11 @@ SCRATCH = "random init"  # summary.json's weights of a run trained from scratch 
 
 
 def is_scratch(run: Run) -> bool:
-    return run.row["weights"] == SCRATCH
+    return run.row.get("weights") == SCRATCH
 
 
 def _scored(run: Run) -> bool:
-    return _is_number(run.row["best"])
+    return _is_number(run.row.get("best"))
 
 
 def transfer_gains(runs: Sequence[Run]) -> None:
@@ -199,7 +199,7 @@ def transfer_gains(runs: Sequence[Run]) -> None:
         if is_scratch(r) or not _scored(r):
             continue
         same = [s for s in runs if is_scratch(s) and _scored(s) and all(
-            s.row[k] == r.row[k] for k in ("model", "data_root", "monitor"))]
+            s.row.get(k) == r.row.get(k) for k in ("model", "data_root", "monitor"))]
         if not same:
             continue
         loss = not is_accuracy(r.row["monitor"] or "val_acc")
@@ -209,14 +209,14 @@ def transfer_gains(runs: Sequence[Run]) -> None:
 
 def negative_transfer(runs: Sequence[Run]) -> List[Run]:
     """The runs that did worse than training the same model from scratch on the same data."""
-    return [r for r in runs if _is_number(r.row["transfer_gain"]) and r.row["transfer_gain"] < 0]
+    return [r for r in runs if _is_number(r.row.get("transfer_gain")) and r.row["transfer_gain"] < 0]
 
 
 def transfer_text(run: Run) -> str:
     """``+12.5 pp`` (a loss: ``+0.1234``), ``scratch`` for a from-scratch run, ``-`` without one."""
     if is_scratch(run):
         return "scratch"
-    gain = run.row["transfer_gain"]
+    gain = run.row.get("transfer_gain")
     if not _is_number(gain):
         return "-"
     return pp(gain) if is_accuracy(run.row["monitor"] or "val_acc") else f"{gain:+.4f}"
