@@ -7,8 +7,11 @@ import dataclasses
 import difflib
 import hashlib
 import logging
+import os
+import re
 import shlex
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -244,7 +247,42 @@ def _without_hydra(config: DictConfig) -> DictConfig:
     return cfg
 
 
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def compact_names(names: Sequence[str]) -> str:
+    """Names sharing a leading word, written once with their endings in braces:
+    ``resnet18, resnet34, resnet50`` -> ``resnet{18,34,50}``."""
+    families: dict = {}
+    for name in names:
+        families.setdefault(re.match(r"[a-z]*", name).group(0), []).append(name)
+    parts = []
+    for members in sorted(families.values(), key=lambda m: min(m)):
+        if len(members) == 1:
+            parts.append(members[0])
+            continue
+        prefix = os.path.commonprefix(members).rstrip("0123456789")  # never split a number: vgg{11,13}
+        tails = sorted((m[len(prefix):] for m in members), key=_natural)
+        parts.append(f"{prefix}{{{','.join(tails)}}}")
+    return ", ".join(parts)
+
+
+def config_groups() -> str:
+    """The help's list of config groups and their options, the models' compacted."""
+    lines = []
+    for group in _groups():
+        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        if group == "model":
+            lines.append(f"model ({len(options)} torchvision classifiers): {compact_names(options)}")
+        else:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="    ", break_on_hyphens=False,
+                                   break_long_words=False) for line in lines)
+
+
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
 OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 register_configs()
 

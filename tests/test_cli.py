@@ -276,7 +276,8 @@ def test_installed_wheel_ships_its_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune_cli", "--help"], cwd=elsewhere, capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "strategy: auto, discriminative, freeze_early, full, linear_probe, partial, progressive, staged, two_phase, ulmfit" in proc.stdout
+    listed = " ".join(proc.stdout.split())
+    assert "strategy: auto, discriminative, freeze_early, full, linear_probe, partial, progressive, staged, two_phase, ulmfit" in listed
 
 
 def test_early_stopping_with_label_smoothing_and_clipping(finetune, caplog):

@@ -11,6 +11,17 @@ def test_help_names_the_tool_and_shows_how_to_start(tmp_path):
     assert "finetune-cli: fine-tune a pretrained torchvision classifier" in proc.stdout
     assert "finetune-cli experiment=quickstart" in proc.stdout and "debug: tiny" in proc.stdout
     assert "finetune is powered by Hydra" not in proc.stdout
+    listed = " ".join(proc.stdout.split())  # every torchvision classifier, compactly
+    assert "model (80 torchvision classifiers): alexnet, convnext_{base,large,small,tiny}," in listed
+    assert "resnet{18,34,50,101,152}" in listed and "vgg{11,11_bn,13,13_bn,16,16_bn,19,19_bn}" in listed
+    assert max(len(line) for line in proc.stdout.splitlines() if line.startswith("strategy")) <= 100
+
+
+def test_compact_names_share_a_leading_word_and_never_split_a_number():
+    from finetune_cli.cli import compact_names
+
+    assert compact_names(["resnet50", "resnet18", "alexnet", "resnet101"]) == "alexnet, resnet{18,50,101}"
+    assert compact_names(["vgg11", "vgg13_bn", "vit_b_16"]) == "vgg{11,13_bn}, vit_b_16"
 
 
 def test_a_misspelled_key_is_named_with_the_key_meant(tmp_path):
