@@ -23,6 +23,8 @@ class StrategyName(str, Enum):
     progressive = "progressive"  # head first, then one more group at a time, top down
     staged = "staged"  # a list of stages, each with its own trainable groups and LR multiplier
     auto = "auto"  # chosen from the number of training images per class
+    bitfit = "bitfit"  # the head and every bias (BitFit: Ben Zaken et al., 2022)
+    norm = "norm"  # the head and every normalization layer's scale and shift
 
 
 class Trigger(str, Enum):

@@ -9,7 +9,7 @@ from finetune_cli import ui
 from finetune_cli.build import Parts
 from finetune_cli.config import BNMode, Config, RegularizerName, StrategyName
 from finetune_cli.models import count_params
-from finetune_cli.train.freezing import bn_frozen_for, has_batchnorm
+from finetune_cli.train.freezing import also_trained, bn_frozen_for, has_batchnorm
 from finetune_cli.train.recipe import Recipe
 
 
@@ -49,8 +49,13 @@ def plan_rows(parts: Parts, bn_mode: BNMode) -> List[dict]:
     rows = []
     for i, (group, on, lr) in enumerate(zip(parts.built.groups, mask, lrs)):
         later = unfreeze_epoch(recipe, i)
+        extra = set() if on else also_trained(group, recipe.also)
         if on:
             status = "train"
+        elif extra:
+            count = sum(p.numel() for _, p in group.params if id(p) in extra)
+            status = f"{'biases' if recipe.also == 'bias' else 'norm layers'} only ({count:,})"
+            on = True  # for its BatchNorm mode
         elif later is not None and later <= recipe.epochs:
             status = f"from epoch {later}"
         else:

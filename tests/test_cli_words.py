@@ -50,5 +50,5 @@ def test_an_unknown_group_option_is_named_with_the_options_meant(tmp_path):
     assert "any of the 80 torchvision classification models" in proc.stderr
     proc = cli(["-m", "strategy=full,progresive", "debug=tiny"], tmp_path)  # one bad choice of a sweep
     assert proc.returncode == 1 and "Unknown strategy option 'progresive'. Did you mean progressive?" in proc.stderr
-    assert "strategy= takes one of: auto, discriminative," in proc.stderr
+    assert "strategy= takes one of: auto, bitfit, discriminative," in proc.stderr
     assert not (tmp_path / "outputs").exists()  # stopped before any run folder

@@ -184,3 +184,40 @@ def test_frozen_groups_follow_the_target_statistics_by_default_and_the_probe_kee
     assert torch.equal(probe_w, early_w) and torch.equal(probe_w, held_w)  # frozen: as pretrained
     assert torch.equal(probe_mean, held_mean)  # statistics held: as pretrained
     assert not torch.allclose(early_mean, probe_mean)  # the default: measured on the target images
+
+
+@pytest.mark.parametrize("strategy, moved, held", [
+    ("bitfit", ["bn1.bias", "layer4.1.bn2.bias"], ["conv1.weight", "bn1.weight", "layer4.1.conv2.weight"]),
+    ("norm", ["bn1.bias", "bn1.weight", "layer4.1.bn2.weight"], ["conv1.weight", "layer4.1.conv2.weight"]),
+])
+def test_bitfit_and_norm_train_the_head_and_only_their_parameters_below_it(finetune, strategy, moved, held):
+    def state(*overrides, name):
+        summary, run = finetune("debug=tiny", "trainer.epochs=1", "strategy.bn=frozen_eval", *overrides, name=name)
+        return summary, torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+    _, probe = state("strategy=linear_probe", name="probe")  # the same start, below the head untouched
+    summary, tuned = state(f"strategy={strategy}", name=strategy)
+    for key in moved:
+        assert not torch.equal(tuned[key], probe[key]), key
+    for key in held:
+        assert torch.equal(tuned[key], probe[key]), key
+    built = create_model("resnet18", WeightsChoice("none"), num_classes=10, image_size=32)
+    named = dict(built.model.named_parameters())
+    norm_params = {f"{m}.{n}" for m, mod in built.model.named_modules() if isinstance(mod, nn.BatchNorm2d)
+                   for n, _ in mod.named_parameters(recurse=False)}
+    wanted = {k for k in named if (k.endswith(".bias") if strategy == "bitfit" else k in norm_params) or k.startswith("fc.")}
+    assert summary["trainable_params"] == sum(named[k].numel() for k in wanted)
+    assert not summary["feature_cache"]["train"]  # the layers below the head change
+
+
+def test_norm_finds_layer_norms_and_bitfit_the_linear_biases_of_a_vision_transformer():
+    from finetune_cli.train.freezing import also_trained
+
+    built = create_model("vit_b_16", WeightsChoice("none"), num_classes=3, image_size=32)
+    block = next(g for g in built.groups if g.name != "head" and any("encoder.layers" in n for n, _ in g.params))
+    names = {id(p): n for n, p in block.params}
+    norms = {names[i] for i in also_trained(block, "norm")}
+    biases = {names[i] for i in also_trained(block, "bias")}
+    assert norms and all(".ln_" in n for n in norms)
+    assert any("mlp" in n for n in biases) and any("self_attention" in n for n in biases)
+    assert all(n.endswith("bias") for n in biases)

@@ -4,7 +4,7 @@ dropout and stochastic depth in frozen groups."""
 from __future__ import annotations
 
 import types
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Set
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -42,13 +42,33 @@ def bn_frozen_for(mode: BNMode, trainable: bool, head: bool = False) -> bool:
     return mode == BNMode.freeze_all or (mode == BNMode.frozen_eval and not trainable)
 
 
-def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: BNMode) -> None:
+NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+         nn.LocalResponseNorm)
+
+
+def also_trained(group: LayerGroup, also: Optional[str]) -> Set[int]:
+    """The ids of ``group``'s parameters that train although the group is frozen: every bias
+    (``bias``: BitFit), or the scale and shift of every normalization layer (``norm``)."""
+    if also == "bias":
+        return {id(p) for name, p in group.params if name.rsplit(".", 1)[-1] == "bias"}
+    if also == "norm":
+        return {id(p) for m in group.modules for sub in m.modules() if isinstance(sub, NORMS)
+                for p in sub.parameters(recurse=False)}
+    return set()
+
+
+def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: BNMode,
+                   also: Optional[str] = None) -> None:
     """``requires_grad`` per group. A frozen group is a fixed function: its dropout and stochastic
-    depth are off, and its BatchNorm statistics stay fixed unless ``bn=train``."""
+    depth are off, and its BatchNorm statistics stay fixed unless ``bn=train``. With ``also``,
+    a frozen group's biases or normalization parameters train all the same (its dropout, stochastic
+    depth and statistics then behave as in a group that trains)."""
     last = len(groups) - 1
     for i, (group, on) in enumerate(zip(groups, mask)):
+        extra = set() if on else also_trained(group, also)
         for _, p in group.params:
-            p.requires_grad_(on)
+            p.requires_grad_(on or id(p) in extra)
+        on = on or bool(extra)
         frozen_bn = bn_frozen_for(bn_mode, on, head=i == last)
         for module in group.modules:
             for sub in module.modules():

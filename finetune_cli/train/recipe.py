@@ -44,6 +44,7 @@ class Recipe:
     plateau_patience: int = 1
     stages: List[Stage] = field(default_factory=list)
     decision: Optional[Dict[str, Any]] = None  # what strategy=auto chose and why
+    also: Optional[str] = None  # parameters that train in frozen groups too: "bias" (bitfit) or "norm"
 
     @property
     def below(self) -> int:
@@ -139,10 +140,13 @@ def resolve(cfg: StrategyConfig, names: List[str], *, epochs: int, images_per_cl
         k = below - _check_k("strategy.freeze_groups", cfg.freeze_groups, names)
     elif name == StrategyName.partial:
         k = _check_k("strategy.train_groups", cfg.train_groups, names)
+    elif name in (StrategyName.bitfit, StrategyName.norm):
+        k = 0  # every group below the head frozen but for its biases or normalization parameters
     elif name == StrategyName.staged:
         stages = parse_stages(cfg, names)
         k, epochs = stages[0].k, sum(s.epochs for s in stages)
     else:  # progressive starts with the head alone
         k = 0
     return Recipe(kind=name, names=list(names), k=k, lr_decay=decay, epochs=epochs, until=until, every=cfg.every,
-                  trigger=cfg.trigger, plateau_patience=cfg.plateau_patience, stages=stages, decision=decision)
+                  trigger=cfg.trigger, plateau_patience=cfg.plateau_patience, stages=stages, decision=decision,
+                  also={StrategyName.bitfit: "bias", StrategyName.norm: "norm"}.get(name))
