@@ -170,8 +170,8 @@ def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) 
 
 def synchronise_batchnorms(built: BuiltModel, env: Env) -> None:
     """trainer.sync_bn=true: with several processes, every BatchNorm computes its statistics over
-    the global batch (before the strategy freezes anything; frozen ones stay in eval and exchange
-    nothing). With one process there is nothing to share, and the note says so."""
+    the global batch (before the strategy freezes anything; those held in eval, strategy.bn=frozen_eval
+    or freeze_all, exchange nothing). With one process there is nothing to share, and the note says so."""
     if not env.world.distributed:
         built.notes.append("trainer.sync_bn=true changes nothing with one process: BatchNorm already sees the "
                            "whole batch.")
@@ -182,7 +182,7 @@ def synchronise_batchnorms(built: BuiltModel, env: Env) -> None:
     count = sync_batchnorms(built.model)
     built.groups = layer_groups(built.model, built.family)  # the groups hold the new modules
     built.notes.append(f"BatchNorm synchronised: {count} layers compute their training statistics over the global "
-                       f"batch of {env.world.size} processes (trainer.sync_bn=true); frozen ones keep their own.")
+                       f"batch of {env.world.size} processes (trainer.sync_bn=true); those held in eval keep their statistics.")
 
 
 def regularizer(reg: RegularizerConfig, built: BuiltModel, backbone: list, splits: Splits, pre: Preprocess,

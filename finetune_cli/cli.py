@@ -290,11 +290,13 @@ register_configs()
 def unknown_key(args: Sequence[str]) -> Optional[str]:
     """The first ``key=value`` argument whose key the schema lacks, said with the closest keys.
     (Hydra's own message suggests ``+key=value``, which adds the typo to the config.)"""
+    other_configs = any(a.split("=", 1)[0] in ("-cp", "-cd", "--config-path", "--config-dir")
+                        or a.startswith("hydra.searchpath") for a in args)  # options beyond conf/
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
-        if "/" not in key and (conf_dir() / key).is_dir():
+        if "/" not in key and (conf_dir() / key).is_dir() and not other_configs:
             problem = unknown_option(key, value)
             if problem:
                 return problem
@@ -321,10 +323,18 @@ def unknown_key(args: Sequence[str]) -> Optional[str]:
 def unknown_option(group: str, value: str) -> Optional[str]:
     """``group=value`` (or a sweep ``group=a,b``) naming an option the group lacks, said with the
     closest options; Hydra's own message lists every option one per line (80 for model)."""
-    if any(c in value for c in "()[]{}$*?") or value in ("", "null"):
-        return None  # sweep functions, interpolations, deleting the group: Hydra decides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    try:  # read as Hydra reads it: quotes, spaces, null, a, b and choice(a, b)
+        parsed = OverridesParser.create().parse_override(f"{group}={value}").value()
+    except Exception:
+        return None  # Hydra names what is wrong with it
+    choices = parsed.list if isinstance(parsed, ChoiceSweep) else [parsed]
+    if not all(isinstance(c, str) and "${" not in c for c in choices):
+        return None  # null (no option), ranges, globs, interpolations: Hydra decides
     options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-    for choice in value.split(","):
+    for choice in choices:
         if choice in options:
             continue
         close = difflib.get_close_matches(choice, options, n=4, cutoff=0.5)

@@ -162,7 +162,7 @@ def atomic_link(src: Path, dst: Path) -> None:
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
-        if os.path.samefile(src, dst):
+        if not dst.is_symlink() and os.path.samefile(src, dst):
             return  # already one file (renaming a link onto its own file would do nothing)
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
     try:

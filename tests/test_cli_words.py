@@ -52,3 +52,14 @@ def test_an_unknown_group_option_is_named_with_the_options_meant(tmp_path):
     assert proc.returncode == 1 and "Unknown strategy option 'progresive'. Did you mean progressive?" in proc.stderr
     assert "strategy= takes one of: auto, bitfit, discriminative," in proc.stderr
     assert not (tmp_path / "outputs").exists()  # stopped before any run folder
+
+
+def test_group_choices_hydra_reads_as_valid_are_not_refused():
+    """The option check read `strategy=full, linear_probe` as an option named ' linear_probe'."""
+    from finetune_cli.cli import unknown_key
+
+    for args in (["strategy=full, linear_probe"], ["strategy=NULL"], ['strategy="full"'], ["model= resnet18"],
+                 ["model=glob(res*)"], ["-cd", "mine", "model=mynet"], ["--config-dir=mine", "model=mynet"],
+                 ["hydra.searchpath=[file://mine]", "model=mynet"]):
+        assert unknown_key(args) is None, args
+    assert "Unknown strategy option 'x'" in unknown_key(["strategy=choice(full, x)"])

@@ -219,5 +219,6 @@ def test_norm_finds_layer_norms_and_bitfit_the_linear_biases_of_a_vision_transfo
     norms = {names[i] for i in also_trained(block, "norm")}
     biases = {names[i] for i in also_trained(block, "bias")}
     assert norms and all(".ln_" in n for n in norms)
-    assert any("mlp" in n for n in biases) and any("self_attention" in n for n in biases)
+    assert any("mlp" in n for n in biases) and any("self_attention.out_proj" in n for n in biases)
+    assert any(n.endswith("self_attention.in_proj_bias") for n in biases)  # query, key and value biases
     assert all(n.endswith("bias") for n in biases)

@@ -71,3 +71,20 @@ def test_cli_refused_resume_leaves_the_run_folder_exactly_as_it_was(tmp_path):
         assert "Traceback" not in out and ("Cannot resume" in out or "was saved for resnet18" in out)
         assert {p: p.read_bytes() for p in files} == files  # .hydra/config.yaml, summary.json, classes.json...
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.bad_input
+def test_a_run_saved_under_earlier_defaults_is_resumed_by_adding_them_back(finetune):
+    """A run saved before strategy.bn and auto_lr_decay changed their defaults: the refusal told
+    the user to "drop these overrides", who had given none, and named auto_lr_decay, which a
+    freeze_early run never reads."""
+    earlier = ("strategy.bn=frozen_eval", "strategy.auto_lr_decay=2.6")
+    _, run = finetune(*TINY, "strategy=freeze_early", "trainer.epochs=2", *earlier)
+    with pytest.raises(Refused) as info:
+        finetune(*TINY, "strategy=freeze_early", "trainer.epochs=3", "trainer.resume=auto", out_dir=run)
+    message = str(info.value)
+    assert "strategy.bn: frozen_eval -> train" in message and "auto_lr_decay" not in message
+    assert "add strategy.bn=frozen_eval trainer.epochs=2" in message
+    again, _ = finetune(*TINY, "strategy=freeze_early", "trainer.epochs=2", "strategy.bn=frozen_eval",
+                        "trainer.resume=auto", out_dir=run)
+    assert again["status"] == "completed"

@@ -452,3 +452,12 @@ def test_transfer_check_sweeps_pretrained_and_scratch_runs(tmp_path, cache_dir):
             assert float(rows[name]["transfer_gain"]) == pytest.approx(s["best"]["value"] - scratch)
     worse = [s for s in summaries.values() if s["weights"] != "random init" and s["best"]["value"] < scratch]
     assert ("Negative transfer" in report.stdout) == bool(worse)
+
+
+def test_a_summary_whose_dataset_is_not_a_mapping_still_reads(tmp_path):
+    """Reading the dataset's root for the scratch comparison made such a run "unreadable"."""
+    _fake_job(tmp_path / "a", ["strategy=full"], {**_done("full", 0.9), "dataset": "flowers"})
+    proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = csv.DictReader((tmp_path / "report.csv").open())
+    assert row["status"] == "completed" and row["best"] == "0.9"

@@ -136,7 +136,7 @@ def read_run(path: Path, root: Path) -> Run:
         "transfer_gain": None,  # best minus the best from-scratch run's of the same model and data
         "error": str(summary.get("error") or problem or ""),
         # shown in the printed table, not written to report.csv
-        "data_root": str((summary.get("dataset") or {}).get("root") or ""),
+        "data_root": str(dataset.get("root") or "") if isinstance(dataset := summary.get("dataset"), dict) else "",
         "initial_trainable_pct": None,
         "peak_memory_kind": summary.get("peak_memory_kind") or "",
     }
@@ -209,7 +209,7 @@ def transfer_gains(runs: Sequence[Run]) -> None:
 
 def negative_transfer(runs: Sequence[Run]) -> List[Run]:
     """The runs that did worse than training the same model from scratch on the same data."""
-    return [r for r in runs if _is_number(r.row.get("transfer_gain")) and r.row["transfer_gain"] < 0]
+    return [r for r in runs if _is_number(r.row.get("transfer_gain")) and transfer_text(r).startswith("-")]
 
 
 def transfer_text(run: Run) -> str:

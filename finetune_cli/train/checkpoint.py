@@ -169,7 +169,11 @@ def changed_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> Li
     side lacks, from another version of the tool, are not compared)."""
     before, after = _flat(saved or {}), _flat(now)
 
+    auto = "auto" in (before.get("strategy.name"), after.get("strategy.name"))
+
     def free(key: str) -> bool:
+        if key.startswith("strategy.auto_") and not auto:
+            return True  # strategy=auto's own settings: no other strategy reads them
         return any(key == f or key.startswith(f + ".") for f in FREE_TO_CHANGE)
 
     changes = {k: f"{k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
@@ -216,6 +220,19 @@ def refuse_other_run(ckpt: Dict[str, Any], model_name: str, classes: List[str]) 
         )
 
 
+def _restoring(saved: Optional[Dict[str, Any]], changes: List[str]) -> str:
+    """The overrides that give back the checkpoint's own settings, such as ``strategy.bn=frozen_eval``
+    (a default of an earlier version differs as much as an override does)."""
+    before = _flat(saved or {})
+    keys = [c.split(":", 1)[0] for c in changes]
+    simple = [k for k in keys if k in before and not isinstance(before[k], (list, dict))]
+    words = [f"{k}={'null' if before[k] is None else str(before[k]).lower() if isinstance(before[k], bool) else before[k]}"
+             for k in simple]
+    rest = [k for k in keys if k not in simple]
+    return "add " + " ".join(words) + (f", and its {', '.join(rest)} as saved" if rest else "") if words else \
+        f"its {', '.join(rest)} as saved"
+
+
 def refuse_changed_settings(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, Any]) -> None:
     """Resuming continues the checkpoint's run exactly, or does not happen: never a mix of its
     state (mask, optimizer, schedule) with other settings."""
@@ -230,7 +247,7 @@ def refuse_changed_settings(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, 
         f"ones it trained with: {'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}."
         + (" (Its LR schedule was laid out for its own number of epochs: a longer or shorter run needs "
            "a schedule of its own.)" if epochs else "")
-        + " To continue it, resume with its settings (drop these overrides). To train on from its weights "
+        + f" To continue it, resume with its settings ({_restoring(ckpt.get('config'), changes)}). To train on from its weights "
         f"with the new settings, start a new run in a new folder: model.weights={best if best.is_file() else path}, "
         "without trainer.resume. Nothing was changed."
     )

@@ -46,11 +46,16 @@ NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceN
          nn.LocalResponseNorm)
 
 
+def _is_bias(name: str) -> bool:
+    """``bias``, and biases by other names: attention's ``in_proj_bias`` (query, key and value)."""
+    return name == "bias" or name.endswith("_bias")
+
+
 def also_trained(group: LayerGroup, also: Optional[str]) -> Set[int]:
     """The ids of ``group``'s parameters that train although the group is frozen: every bias
     (``bias``: BitFit), or the scale and shift of every normalization layer (``norm``)."""
     if also == "bias":
-        return {id(p) for name, p in group.params if name.rsplit(".", 1)[-1] == "bias"}
+        return {id(p) for name, p in group.params if _is_bias(name.rsplit(".", 1)[-1])}
     if also == "norm":
         return {id(p) for m in group.modules for sub in m.modules() if isinstance(sub, NORMS)
                 for p in sub.parameters(recurse=False)}
