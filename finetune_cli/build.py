@@ -225,7 +225,7 @@ def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_
     aug = cfg.augment
     return decide(
         parse_switch(cfg.data.cache_features, "data.cache_features"),
-        frozen_below_head=recipe.max_k == 0 and recipe.also is None,
+        frozen_below_head=recipe.head_only,
         tail_ok=tail_ok,
         bn_updating=updating_batchnorms(model, tail),
         bn_mode=cfg.strategy.bn,

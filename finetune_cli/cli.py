@@ -272,7 +272,7 @@ def config_groups() -> str:
     """The help's list of config groups and their options, the models' compacted."""
     lines = []
     for group in _groups():
-        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        options = _options(group)
         if group == "model":
             lines.append(f"model ({len(options)} torchvision classifiers): {compact_names(options)}")
         else:
@@ -333,7 +333,7 @@ def unknown_option(group: str, value: str) -> Optional[str]:
     choices = parsed.list if isinstance(parsed, ChoiceSweep) else [parsed]
     if not all(isinstance(c, str) and "${" not in c for c in choices):
         return None  # null (no option), ranges, globs, interpolations: Hydra decides
-    options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    options = _options(group)
     for choice in choices:
         if choice in options:
             continue
@@ -350,6 +350,10 @@ def unknown_option(group: str, value: str) -> Optional[str]:
 
 def _groups() -> list:
     return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _options(group: str) -> list:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
 def main() -> None:

@@ -193,3 +193,11 @@ def test_rewarmup_ramps_back_to_the_schedule():
         opt.step()
         sched.step_batch()
     assert seen == pytest.approx([0.01, 0.0325, 0.055, 0.0775, 0.1])
+
+
+def test_bitfit_and_norm_say_what_trains_below_the_head_and_are_never_head_only():
+    names = ["stem", "layer1", "head"]
+    for name, said in ((StrategyName.bitfit, "head + every bias"), (StrategyName.norm, "head + norm layers")):
+        recipe = resolve(StrategyConfig(name=name), names, epochs=1)
+        assert recipe.describe_k(recipe.k) == said and not recipe.head_only
+    assert resolve(StrategyConfig(name=StrategyName.linear_probe), names, epochs=1).head_only

@@ -44,7 +44,8 @@ def out_of_date(folder: Path) -> Tuple[List[str], List[str], List[str]]:
 
 
 def write_options(folder: Path) -> List[str]:
-    """Write every option, remove options of models torchvision no longer has; the names written."""
+    """Write every option, remove options of models torchvision no longer has; the names written
+    (a file already as wanted is left alone)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     wanted = wanted_options()
@@ -65,7 +66,7 @@ def main() -> int:
 
     folder = conf_dir() / "model"
     written = write_options(folder)
-    print(f"{folder}: {len(wanted_options())} model options, {len(written)} written")
+    print(f"{folder}: {len(list(folder.glob('*.yaml')))} model options, {len(written)} written")
     return 0
 
 

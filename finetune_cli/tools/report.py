@@ -114,8 +114,9 @@ def write_tables(runs: List[Run], out: Path) -> None:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells.values()) + " |")
     if kinds:
         lines += ["", memory_footnote(kinds, "peak_memory_mb")]
-    if negative_transfer_note(runs):
-        lines += ["", f"**{negative_transfer_note(runs)}**"]
+    note = negative_transfer_note(runs)
+    if note:
+        lines += ["", f"**{note}**"]
     failed = [r for r in runs if r.row["error"]]
     if failed:
         lines += ["", "Failed or incomplete runs:", ""]

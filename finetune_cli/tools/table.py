@@ -207,9 +207,10 @@ def transfer_gains(runs: Sequence[Run]) -> None:
         r.row["transfer_gain"] = baseline - r.row["best"] if loss else r.row["best"] - baseline
 
 
-def negative_transfer(runs: Sequence[Run]) -> List[Run]:
-    """The runs that did worse than training the same model from scratch on the same data."""
-    return [r for r in runs if _is_number(r.row.get("transfer_gain")) and transfer_text(r).startswith("-")]
+def worse_than_scratch(run: Run) -> bool:
+    """Below the same model trained from scratch on the same data, by a shown amount (-0.0 pp is not)."""
+    text = transfer_text(run)
+    return text != "-" and text.startswith("-")
 
 
 def transfer_text(run: Run) -> str:
@@ -223,7 +224,7 @@ def transfer_text(run: Run) -> str:
 
 
 def negative_transfer_note(runs: Sequence[Run]) -> str:
-    worse = negative_transfer(runs)
+    worse = [r for r in runs if worse_than_scratch(r)]
     if not worse:
         return ""
     names = ", ".join(f"{r.row['strategy'] or '?'} ({transfer_text(r)}, {r.row['run']})" for r in worse)
@@ -292,9 +293,7 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
         best += f" ({row['best_epoch']})" if best != "-" else ""
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
         peak = _num(row["peak_memory_mb"], 0)
-        gain = transfer_text(r)
-        if gain.startswith("-") and gain != "-":
-            gain = f"[bold red]{gain} worse[/]"
+        gain = f"[bold red]{transfer_text(r)} worse[/]" if worse_than_scratch(r) else transfer_text(r)
         table.add_row(
             str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
             row["overrides"] or "-", status, best, *((gain,) if scratch else ()), pct(row["final_train_acc"]),

@@ -224,13 +224,15 @@ def _restoring(saved: Optional[Dict[str, Any]], changes: List[str]) -> str:
     """The overrides that give back the checkpoint's own settings, such as ``strategy.bn=frozen_eval``
     (a default of an earlier version differs as much as an override does)."""
     before = _flat(saved or {})
-    keys = [c.split(":", 1)[0] for c in changes]
-    simple = [k for k in keys if k in before and not isinstance(before[k], (list, dict))]
-    words = [f"{k}={'null' if before[k] is None else str(before[k]).lower() if isinstance(before[k], bool) else before[k]}"
-             for k in simple]
-    rest = [k for k in keys if k not in simple]
-    return "add " + " ".join(words) + (f", and its {', '.join(rest)} as saved" if rest else "") if words else \
-        f"its {', '.join(rest)} as saved"
+    words, rest = [], []
+    for key in (c.split(":", 1)[0] for c in changes):
+        value = before.get(key)
+        if isinstance(value, (list, dict)):
+            rest.append(key)  # a list of stages, say: not one word on a command line
+        else:
+            words.append(f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}")
+    parts = (["add " + " ".join(words)] if words else []) + ([f"its {', '.join(rest)} as saved"] if rest else [])
+    return ", and ".join(parts)
 
 
 def refuse_changed_settings(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, Any]) -> None:

@@ -58,12 +58,17 @@ class Recipe:
         return self.until if self.kind == StrategyName.progressive else self.k
 
     @property
+    def head_only(self) -> bool:
+        """Nothing below the head trains at any point of the run (its features can be cached)."""
+        return self.max_k == 0 and self.also is None
+
+    @property
     def progressive_by_epochs(self) -> bool:
         return self.kind == StrategyName.progressive and self.trigger == Trigger.epochs
 
     def describe_k(self, k: int) -> str:
         if k == 0:
-            return "head only"
+            return {"bias": "head + every bias", "norm": "head + norm layers"}.get(self.also or "", "head only")
         if k == self.below:
             return "all groups"
         return "head + " + ", ".join(self.names[self.below - k : self.below])
