@@ -14,6 +14,8 @@ from torch import nn
 
 from finetune_cli import ui
 from finetune_cli.config import (
+    AdaptConfig,
+    AdaptName,
     AugmentName,
     Config,
     LRScaling,
@@ -35,6 +37,7 @@ from finetune_cli.models.weights import WeightsChoice, hub_file
 from finetune_cli.paths import cache_dir
 from finetune_cli.record import Recorder
 from finetune_cli.runtime import pick_device, pick_precision, speed_switches
+from finetune_cli.train.adapt import Adaptation
 from finetune_cli.train.callbacks import MetricTracker
 from finetune_cli.train.checkpoint import TrainState
 from finetune_cli.train.engine import Precision
@@ -104,6 +107,8 @@ class Parts:
     identity: Dict[str, Any]  # what every checkpoint says about the run
     notes: List[str] = field(default_factory=list)
     schedule_name: str = ""
+    adaptation: Optional[Adaptation] = None  # adapt=dann|mmd: the target batches and the domain loss
+    target_val_loader: Optional[torch.utils.data.DataLoader] = None  # the target domain's labelled val/
 
     @property
     def model(self) -> nn.Module:
@@ -218,6 +223,41 @@ def schedule_config(cfg: Config) -> Tuple[ScheduleConfig, str]:
     )
 
 
+def feature_size(model: nn.Module, entry: nn.Module, image_size: int, device: torch.device) -> int:
+    """The length of the head's input, flattened (one image through the network, no statistics kept)."""
+    seen: List[int] = []
+    hook = entry.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].numel()))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        hook.remove()
+        model.train(was)
+    return seen[0]
+
+
+def adaptation(cfg: AdaptConfig, built: BuiltModel, tail: Tail, recipe: Recipe, splits: Splits, env: Env,
+               image_size: int, *, batch_size: int, seed: int, steps_per_epoch: int) -> Optional[Adaptation]:
+    """adapt=dann|mmd: the target domain's training images, batch by batch beside the source's."""
+    if cfg.name == AdaptName.none:
+        return None
+    w = env.world
+    loader = make_loader(splits.target.train, batch_size=batch_size, num_workers=env.workers, train=True,
+                         seed=seed + 17, pin_memory=env.device.type == "cuda", rank=w.rank, size=w.size)
+    found = Adaptation(cfg, built.model, tail.entry, feature_size(built.model, tail.entry, image_size, env.device),
+                       loader, total_steps=recipe.epochs * steps_per_epoch, seed=seed)
+    if found.critic is not None:
+        found.critic.to(env.device)
+    if recipe.max_k == 0:
+        built.notes.append(
+            f"adapt={cfg.name.value} aligns the head's input features, but nothing below the head trains in this "
+            f"run (strategy={recipe.kind.value}){' but biases or norm layers' if recipe.also else ''}: the features "
+            "can hardly move. Choose a strategy that trains layers below the head (freeze_early, full, progressive).")
+    return found
+
+
 def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_ok: bool = True) -> CacheDecision:
     """What data.cache_features gives this run (call with the freezing applied)."""
     model = built.model
@@ -231,7 +271,9 @@ def cache_plan(cfg: Config, built: BuiltModel, tail: Tail, recipe: Recipe, tail_
         bn_mode=cfg.strategy.bn,
         aux=len(head_paths(model, built.family)) > 1 and cfg.model.aux_logits,
         blockers=train_blockers(model, tail, random_augment=aug.name.value if aug.name != AugmentName.none else None,
-                                mixing=aug.mixup_alpha > 0 or aug.cutmix_alpha > 0),
+                                mixing=aug.mixup_alpha > 0 or aug.cutmix_alpha > 0)
+        + ([f"adapt={cfg.adapt.name.value} runs target images through the network with every batch"]
+           if cfg.adapt.name != AdaptName.none else []),
     )
 
 
@@ -276,23 +318,29 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     controller.apply()
     lrs = layerwise_lrs(base_lr(cfg, env.world.size), len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
     backbone = backbone_params(groups, built.family) if cfg.regularizer.name != RegularizerName.none else []
-    # an anchoring penalty replaces weight decay on what it anchors; the new head keeps its decay
-    optimizer = build_optimizer(cfg.optimizer, param_groups(groups, lrs, cfg.optimizer.weight_decay,
-                                                            anchored=[p for _, p in backbone]),
-                                fused=env.device.type == "cuda")
-
     bs, pin, w = cfg.data.batch_size, env.device.type == "cuda", env.world
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed,
                                pin_memory=pin, rank=w.rank, size=w.size)
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed,
                              pin_memory=pin, rank=w.rank, size=w.size)
+    target_val = splits.target.val if splits.target is not None else None
+    target_val_loader = make_loader(target_val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed,
+                                    pin_memory=pin, rank=w.rank, size=w.size) if target_val is not None else None
+    tail = find_tail(built.model, built.family, groups)
+    adapting = adaptation(cfg.adapt, built, tail, recipe, splits, env, pre.crop_size, batch_size=bs, seed=t.seed,
+                          steps_per_epoch=len(train_loader))
+    # an anchoring penalty replaces weight decay on what it anchors; the new head keeps its decay
+    groups_for_optimizer = param_groups(groups, lrs, cfg.optimizer.weight_decay, anchored=[p for _, p in backbone])
+    if adapting is not None and adapting.critic is not None:  # the domain classifier learns at the head's LR
+        groups_for_optimizer.append({"params": list(adapting.critic.parameters()), "lr": lrs[-1],
+                                     "weight_decay": cfg.optimizer.weight_decay, "group": "domain_classifier"})
+    optimizer = build_optimizer(cfg.optimizer, groups_for_optimizer, fused=env.device.type == "cuda")
     schedule_cfg, schedule_note = schedule_config(cfg)
     schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
     schedule.set_multiplier(controller.lr_mult)  # the first stage's
     tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
     state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
-                       train_loader.generator)
-    tail = find_tail(built.model, built.family, groups)
+                       train_loader.generator, critic=adapting.critic if adapting is not None else None)
     penalty = regularizer(cfg.regularizer, built, backbone, splits, pre, env) if training else None
     settings = FitSettings(t.monitor, t.grad_clip, cfg.model.aux_weight,
                            int(round(cfg.strategy.rewarmup_epochs * len(train_loader))), t.save_every, t.compile, bs)
@@ -304,4 +352,5 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
         mixer=make_mixer(cfg.augment, len(splits.classes)), penalty=penalty, settings=settings,
         identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved},
         notes=[schedule_note], schedule_name=schedule_cfg.name.value,
+        adaptation=adapting, target_val_loader=target_val_loader,
     )

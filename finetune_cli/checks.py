@@ -64,6 +64,8 @@ INF = math.inf
 RANGES = [
     ("model.head_hidden", 1, INF, "[)", "the hidden layer's width"),
     ("model.aux_weight", 0, INF, "[)", "the weight of each auxiliary loss"),
+    ("adapt.weight", 0, INF, "[)", "the domain loss's weight"),
+    ("adapt.hidden", 1, INF, "[)", "the domain classifier's width"),
     ("strategy.train_groups", 0, INF, "[)", "layer groups below the head that train"),
     ("strategy.lr_decay", 1, INF, "[)", "the LR divisor from one group to the next one down (1: equal LRs)"),
     ("strategy.auto_lr_decay", 1, INF, "[)", "the LR divisor from one group to the next one down"),
@@ -172,6 +174,16 @@ def _data_problems(cfg: Config) -> List[str]:
         limit = len(class_pool("target"))
         if not 2 <= data.synthetic.classes <= limit:
             found.append(f"data.synthetic.classes must be between 2 and {limit} (got {data.synthetic.classes}).")
+    if data.target_root and data.source == DataSource.synthetic and data.synthetic.target_style is not None:
+        found.append("Both data.target_root and data.synthetic.target_style name a target domain; keep one "
+                     "(data.synthetic.target_style=null to adapt to the folder).")
+    elif data.target_root and not Path(data.target_root).expanduser().is_dir():
+        found.append(f"data.target_root={data.target_root} is not a folder (relative paths start at {Path.cwd()}). "
+                     "Point it at the target domain's images: DIR/train/ or DIR itself, and DIR/val/<class>/* "
+                     "for the target's accuracy.")
+    if data.synthetic.target_style is not None and data.source != DataSource.synthetic:
+        found.append("data.synthetic.target_style only applies to data=synthetic; with your own images give the "
+                     "target domain's folder as data.target_root=DIR.")
     if data.batch_size <= 0:
         found.append(f"data.batch_size must be greater than 0 (got {data.batch_size}).")
     if data.image_size is not None and data.image_size < 16:
@@ -227,9 +239,20 @@ def _training_problems(cfg: Config) -> List[str]:
                      "or auto for every visible GPU.")
     if not 0 <= reg.strength < math.inf:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
+    found += _adapt_problems(cfg)
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
         found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")
     return found
+
+
+def _adapt_problems(cfg: Config) -> List[str]:
+    a, data = cfg.adapt, cfg.data
+    has_target = bool(data.target_root) or (data.source == DataSource.synthetic and data.synthetic.target_style is not None)
+    if a.name.value != "none" and not has_target:
+        return [f"adapt={a.name.value} adapts to a target domain, but none is given. Set data.target_root=DIR (the target's "
+                "images, unlabelled; DIR/val/<class>/* labelled for evaluation), or on synthetic data "
+                "data.synthetic.target_style=shifted; or use experiment=domain_shift."]
+    return []
 
 
 def patience_problems(cfg: Config) -> List[str]:

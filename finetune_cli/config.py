@@ -118,6 +118,17 @@ class BadImage(str, Enum):
     skip = "skip"  # leave them out, listing them in the console and RUN/skipped_images.txt
 
 
+class AdaptName(str, Enum):
+    none = "none"
+    dann = "dann"  # domain-adversarial: gradient reversal + domain classifier (Ganin et al., 2016)
+    mmd = "mmd"  # multi-kernel maximum mean discrepancy between the domains' features (Long et al., 2015)
+
+
+class SyntheticStyle(str, Enum):
+    plain = "plain"
+    shifted = "shifted"  # photo-like backgrounds, blended by difference, colour shift, noise (like MNIST-M)
+
+
 class Monitor(str, Enum):
     val_acc = "val_acc"
     val_loss = "val_loss"
@@ -142,6 +153,9 @@ class SyntheticConfig:
     val_per_class: int = 20
     image_size: int = 32
     seed: int = 0
+    # a target domain for adaptation: the same classes in another style (its val/ labelled for
+    # evaluation only); null = none
+    target_style: Optional[SyntheticStyle] = None
 
 
 @dataclass
@@ -160,6 +174,9 @@ class DataConfig:
     cache_features: str = "auto"
     reduced_decode: bool = True  # decode large JPEGs at a reduced scale still >= the size needed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # an unlabelled target domain: DIR/train/ (or DIR itself) holds its images, in class folders
+    # or not (labels are never used in training); DIR/val/<class>/* is evaluated each epoch
+    target_root: Optional[str] = None
 
 
 @dataclass
@@ -280,6 +297,15 @@ class TrainerConfig:
 
 
 @dataclass
+class AdaptConfig:
+    name: AdaptName = AdaptName.none
+    weight: float = 1.0  # the domain loss's weight in the training loss
+    # the domain loss ramps in with 2 / (1 + exp(-10 p)) - 1 over the run's progress p (Ganin et al.)
+    ramp: bool = True
+    hidden: int = 256  # dann: width of the domain classifier's two hidden layers
+
+
+@dataclass
 class LoggerConfig:
     name: LoggerName = LoggerName.none
 
@@ -294,6 +320,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: bool = False  # print the plan and exit without training
     preview: PreviewMode = PreviewMode.off  # preview=augment: a picture of what the model sees

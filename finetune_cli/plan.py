@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from finetune_cli import ui
 from finetune_cli.build import Parts
-from finetune_cli.config import BNMode, Config, RegularizerName, StrategyName
+from finetune_cli.config import AdaptName, BNMode, Config, RegularizerName, StrategyName
 from finetune_cli.models import count_params
 from finetune_cli.train.freezing import also_trained, bn_frozen_for, has_batchnorm
 from finetune_cli.train.recipe import Recipe
@@ -74,12 +74,30 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     out += [f"Timeline: {step}" for step in timeline(recipe)]
     unused = " (data.val_fraction is not used: the val/ folder is the validation set)" if splits.val_source.startswith("val/") else ""
     out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images{unused}.")
+    if splits.target is not None:
+        out.append(adapt_text(cfg, parts))
     if cfg.regularizer.name != RegularizerName.none:
         out.append(f"Regularizer: {cfg.regularizer.name.value} (strength {cfg.regularizer.strength:g}) on the backbone, "
                    "in place of its weight decay (the head keeps optimizer.weight_decay)")
     out += parts.notes
     out.append(parts.caching.describe(parts.tail))
     return out
+
+
+def adapt_text(cfg: Config, parts: Parts) -> str:
+    """The target domain, and what adapt= does with it."""
+    a, adapting = cfg.adapt, parts.adaptation
+    where = f"Target domain: {parts.splits.target.describe()}"
+    if adapting is None:
+        return f"{where}. adapt=none: training sees the labelled data alone (the source-only baseline)."
+    ramp = ", ramped in by 2/(1+exp(-10p))-1" if a.ramp else ""
+    if a.name == AdaptName.dann:
+        critic = sum(p.numel() for p in adapting.critic.parameters())
+        how = (f"adapt=dann: a domain classifier ({a.hidden}-{a.hidden}-1, {critic:,} params, at the head's LR) on the "
+               f"head's input through a gradient reversal layer (weight {a.weight:g}{ramp})")
+    else:
+        how = f"adapt=mmd: multi-kernel MMD (5 Gaussian kernels) on the head's input, weight {a.weight:g}{ramp}"
+    return f"{where}. {how}. Each batch: {cfg.data.batch_size} labelled + {cfg.data.batch_size} target images."
 
 
 def processes_text(world: Any, batch_size: int, scaling: Any = None) -> str:
@@ -111,6 +129,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
         "auto": recipe.decision,
         "timeline": timeline(recipe),
         "regularizer": cfg.regularizer.name.value,
+        "adapt": cfg.adapt.name.value,
         "schedule": parts.schedule_name,
         "dataset": {
             "name": cfg.data.source.value,
@@ -118,6 +137,9 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
             "classes": len(splits.classes),
             "train_images": len(splits.train),
             "val_images": len(splits.val),
+            **({"target_root": str(splits.target.root), "target_train_images": len(splits.target.train),
+                "target_val_images": len(splits.target.val) if splits.target.val is not None else 0}
+               if splits.target is not None else {}),
         },
         "device": env.device.type,
         "placement": placement(),

@@ -52,6 +52,10 @@ class Recorder:
         if self.writes:
             write(*args)
 
+    def write(self, write: Any, *args: Any) -> None:
+        """``write(*args)`` where this process writes the run's files (rank 0)."""
+        self._write(write, *args)
+
     @property
     def checkpoints(self) -> Path:
         return self.out_dir / "checkpoints"
@@ -59,6 +63,11 @@ class Recorder:
     @property
     def last(self) -> Path:
         return self.checkpoints / "last.pt"
+
+    @property
+    def features_before(self) -> Path:
+        """The head's input features of both domains' val images before training (a target domain)."""
+        return self.out_dir / "adapt_features_before.pt"
 
     @property
     def stage_best(self) -> Path:
@@ -96,14 +105,17 @@ class Recorder:
             self.tensorboard = TensorBoardLogger(self.out_dir / "tensorboard")
 
     def resumed(self, checkpoint: Path, saved_epoch: int, history: List[Dict[str, Any]], events: List[Dict[str, Any]]) -> None:
-        """Continue the files of the run that saved ``checkpoint``; its stage snapshot comes along."""
+        """Continue the files of the run that saved ``checkpoint``; its stage snapshot and the
+        domains' features before training come along."""
         self.saved_epoch, self.resumed_from = saved_epoch, checkpoint
         self.rows = list(history)
         self._write(atomic_csv, self.rows, self.out_dir / "metrics.csv")
         self.summary.update({"events": list(events), "resumed_from": str(checkpoint)})
-        source = checkpoint.parent / self.stage_best.name
-        if source.is_file() and source.resolve() != self.stage_best.resolve():
-            self._write(atomic_link, source, self.stage_best)
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        for source, here in ((checkpoint.parent / self.stage_best.name, self.stage_best),
+                             (run_dir / self.features_before.name, self.features_before)):
+            if source.is_file() and source.resolve() != here.resolve():
+                self._write(atomic_link, source, here)
 
     # -- every epoch --------------------------------------------------------------------------
 

@@ -114,7 +114,9 @@ def show_epoch(row: Dict[str, Any], epochs: int, best: bool) -> None:
     log.info(
         f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {pct(row['train_acc'], 5)}"
         f"  val loss {row['val_loss']:.4f} acc {pct(row['val_acc'], 5)}"
-        f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s{'  *best' if best else ''}"
+        + (f"  target acc {pct(row['target_val_acc'], 5)}" if "target_val_acc" in row else "")
+        + (f"  domain acc {pct(row['domain_acc'], 5)}" if "domain_acc" in row else "")
+        + f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s{'  *best' if best else ''}"
     )
 
 

@@ -64,7 +64,7 @@ def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
                              "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
                              "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
                              "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain",
-                             "error"]
+                             "target_val_acc", "adapt", "error"]
     assert len(rows) == 6
     completed = [r for r in rows if r["status"] == "completed"]
     assert sorted(r["strategy"] for r in completed) == ["freeze_early", "full", "linear_probe"]

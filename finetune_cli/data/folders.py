@@ -67,6 +67,7 @@ class Splits:
     classes: List[str]
     root: Path
     val_source: str  # "val/ folder" or "stratified split of train/"
+    target: Optional[Any] = None  # domains.TargetDomain: unlabelled images to adapt to (adapt=)
 
     @property
     def images_per_class(self) -> float:

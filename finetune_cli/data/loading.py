@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 from finetune_cli.config import AugmentConfig, BadImage, DataConfig, DataSource
 from finetune_cli.data.checks import check_images, describe
+from finetune_cli.data.domains import target_domain, unlabelled_files, val_files
 from finetune_cli.data.folders import Splits, class_files, image_folder_splits, split_dirs
 from finetune_cli.data.synthetic import SyntheticSpec, generate
 from finetune_cli.data.transforms import Preprocess, decode_side, eval_transform, train_transform
@@ -28,11 +29,30 @@ def data_root(cfg: DataConfig, cache: Path) -> Path:
     return root
 
 
-def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable[[Dict[str, str]], Path]) -> frozenset:
-    """Check every image before training; stop, or leave the bad ones out (data.on_bad_image)."""
+def target_root(cfg: DataConfig, cache: Path) -> Optional[Path]:
+    """The target domain's folder (data.target_root, or the synthetic task in
+    data.synthetic.target_style), or None."""
+    s = cfg.synthetic
+    if cfg.source == DataSource.synthetic and s.target_style is not None:
+        spec = SyntheticSpec("target", s.classes, s.train_per_class, s.val_per_class, s.image_size, s.seed,
+                             style=s.target_style.value)
+        return generate(spec, cache)
+    return Path(cfg.target_root).expanduser() if cfg.target_root else None
+
+
+def listed_files(root: Path, target: Optional[Path]) -> List[str]:
+    """Every image a run reads: the labelled splits', and the target domain's."""
+    files = [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
+    return files + (unlabelled_files(target) + val_files(target) if target is not None else [])
+
+
+def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable[[Dict[str, str]], Path],
+               files: Optional[List[str]] = None) -> frozenset:
+    """Check every image before training (``files``: default, the labelled splits'); stop, or
+    leave the bad ones out (data.on_bad_image)."""
     if not cfg.check_images:
         return frozenset()
-    files = [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
+    files = listed_files(root, None) if files is None else files
     started = time.perf_counter()
     result = check_images(files, cfg.max_image_pixels, cache)
     if not result.bad:
@@ -51,10 +71,15 @@ def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable
 
 def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: int, cache: Path,
               write_skipped: Callable[[Dict[str, str]], Path]) -> Splits:
-    root = data_root(cfg, cache)
-    exclude = bad_images(cfg, root, cache, write_skipped)
+    root, target = data_root(cfg, cache), target_root(cfg, cache)
+    exclude = bad_images(cfg, root, cache, write_skipped, listed_files(root, target))
     sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
-    return image_folder_splits(
-        root, train_transform(pre, augment), eval_transform(pre), val_fraction=cfg.val_fraction, seed=seed,
+    train_tf, val_tf = train_transform(pre, augment), eval_transform(pre)
+    splits = image_folder_splits(
+        root, train_tf, val_tf, val_fraction=cfg.val_fraction, seed=seed,
         exclude=exclude, decode_sides=sides, max_pixels=cfg.max_image_pixels,
     )
+    if target is not None:
+        splits.target = target_domain(target, splits.classes, train_tf, val_tf, exclude=exclude,
+                                      max_pixels=cfg.max_image_pixels)
+    return splits

@@ -5,6 +5,12 @@ filled with its texture in two random colours, over a random noisy background. T
 split into two disjoint pools: the *target* task (what users fine-tune on) and the *source* task
 (what the ``synthetic`` weights are pretrained on). Both use the same shapes and textures, so
 features learned on one transfer to the other — without a single shared class.
+
+A *style* renders the same classes in another domain: ``plain`` (the default above) or
+``shifted``, the same shapes and textures over photo-like backgrounds (smooth colour fields
+crossed by a foreign texture), blended into the background by difference as in MNIST-M, with a
+colour shift (a random gain per channel) and stronger noise. A model trained on one style and tested on the other sees a
+domain shift: the exercise of domain adaptation (``adapt=``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "dots", "diagonal")
+STYLES = ("plain", "shifted")
 FORMAT_VERSION = 1
 
 
@@ -49,10 +56,15 @@ class SyntheticSpec:
     val_per_class: int = 20
     image_size: int = 32
     seed: int = 0
+    style: str = "plain"
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "v": FORMAT_VERSION}, sort_keys=True).encode()
-        return f"{self.task}-c{self.classes}-s{self.image_size}-" + hashlib.sha1(blob).hexdigest()[:10]
+        fields = asdict(self)
+        if self.style == "plain":  # the keys of datasets written before styles existed
+            del fields["style"]
+        blob = json.dumps({**fields, "v": FORMAT_VERSION}, sort_keys=True).encode()
+        style = "" if self.style == "plain" else f"{self.style}-"
+        return f"{self.task}-{style}c{self.classes}-s{self.image_size}-" + hashlib.sha1(blob).hexdigest()[:10]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
@@ -147,24 +159,49 @@ def render(shape: str, texture: str, size: int, rng: np.random.Generator) -> Ima
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
+def _smooth_field(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A photo-like background: a coarse grid of random colours, smoothly interpolated."""
+    cells = int(rng.integers(2, 5))
+    grid = rng.integers(0, 256, size=(cells, cells, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.BICUBIC), np.float32)
+
+
+def render_shifted(shape: str, texture: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """The same class in the ``shifted`` style (see the module's docstring)."""
+    background = _smooth_field(size, rng)
+    clutter = _texture(TEXTURES[int(rng.integers(1, len(TEXTURES)))], size, rng)[..., None]
+    background = np.where(clutter, background * 0.6 + _colour(rng) * 0.4, background)
+    fg1, fg2 = _colour(rng), _colour(rng)
+    fill = np.where(_texture(texture, size, rng)[..., None], fg2, fg1)
+    mask = np.asarray(_mask(shape, size, rng), np.float32)[..., None] / 255.0
+    img = background * (1 - mask) + np.abs(background - fill) * mask  # blended by difference (MNIST-M)
+    img = img * rng.uniform(0.6, 1.4, size=3)  # a colour shift: each channel's gain
+    img += rng.normal(0, 16, size=(size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
 def generate(spec: SyntheticSpec, cache: Path) -> Path:
     """Write the dataset once under ``cache`` (keyed by its parameters) and return its root."""
     pool = class_pool(spec.task)
     if not 2 <= spec.classes <= len(pool):
         raise ValueError(f"classes must be between 2 and {len(pool)}")
+    if spec.style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}")
+    draw = render if spec.style == "plain" else render_shifted
     root = cache / "synthetic" / spec.key()
     if (root / "spec.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     try:
-        rng = np.random.default_rng([spec.seed, 0 if spec.task == "target" else 1])
+        streams = [spec.seed, 0 if spec.task == "target" else 1] + ([STYLES.index(spec.style)] if spec.style != "plain" else [])
+        rng = np.random.default_rng(streams)
         for split, count in (("train", spec.train_per_class), ("val", spec.val_per_class)):
             for shape, texture in pool[: spec.classes]:
                 folder = tmp / split / f"{shape}_{texture}"
                 folder.mkdir(parents=True)
                 for k in range(count):
-                    render(shape, texture, spec.image_size, rng).save(folder / f"{k:05d}.png")
+                    draw(shape, texture, spec.image_size, rng).save(folder / f"{k:05d}.png")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
         try:
             os.rename(tmp, root)

@@ -134,6 +134,9 @@ def read_run(path: Path, root: Path) -> Run:
         "feature_cache": _cache_label(summary.get("feature_cache")),
         "weights": str(summary.get("weights") or ""),
         "transfer_gain": None,  # best minus the best from-scratch run's of the same model and data
+        # a target domain's val accuracy at the best epoch (chosen on the labelled val set)
+        "target_val_acc": target.get("target_val_acc") if isinstance(target := summary.get("target"), dict) else None,
+        "adapt": str(summary.get("adapt") or ""),
         "error": str(summary.get("error") or problem or ""),
         # shown in the printed table, not written to report.csv
         "data_root": str(dataset.get("root") or "") if isinstance(dataset := summary.get("dataset"), dict) else "",
@@ -175,7 +178,7 @@ def _read_or_describe(path: Path, root: Path) -> Run:
         row.update(run=str(path.relative_to(root)) if path != root else path.name, status="unreadable",
                    model=_job_choice(path, "model.name"), strategy=_job_choice(path, "strategy.name"),
                    overrides="", monitor="", feature_cache="", peak_memory_kind="", weights="", data_root="",
-                   transfer_gain=None,
+                   transfer_gain=None, target_val_acc=None, adapt="",
                    error=f"unreadable run folder ({type(exc).__name__}: {exc})")
         return Run(path, row, [], {})
 
@@ -281,8 +284,9 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
     table = Table(title=f"{order}; best = best {' or '.join(monitors)} (epoch)", title_justify="left",
                   caption_justify="left")
     scratch = any(is_scratch(r) for r in runs)
+    target = any(r.row.get("target_val_acc") is not None for r in runs)
     for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best",
-                *(("vs scratch",) if scratch else ()), "train acc",
+                *(("vs scratch",) if scratch else ()), *(("target acc",) if target else ()), "train acc",
                 "gap", "epochs", "time s", "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
         table.add_column(col, no_wrap=col not in ("overrides", "status"))
     notes = [n for n in (memory_footnote(kinds), negative_transfer_note(runs)) if n]
@@ -296,7 +300,8 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
         gain = f"[bold red]{transfer_text(r)} worse[/]" if worse_than_scratch(r) else transfer_text(r)
         table.add_row(
             str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
-            row["overrides"] or "-", status, best, *((gain,) if scratch else ()), pct(row["final_train_acc"]),
+            row["overrides"] or "-", status, best, *((gain,) if scratch else ()),
+            *((pct(row.get("target_val_acc")),) if target else ()), pct(row["final_train_acc"]),
             pp(row["train_val_gap"]), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
             _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0), _trainable(row),
             peak + (memory_mark(r, kinds) if peak != "-" else ""), _num(row["grad_optimizer_mb"], 1),

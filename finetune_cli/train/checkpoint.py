@@ -61,6 +61,7 @@ class TrainState:
     tracker: MetricTracker
     controller: Controller
     loader_generator: torch.Generator
+    critic: Optional[nn.Module] = None  # adapt=dann: the domain classifier
 
     def checkpoint(self, epoch: int, **extra: Any) -> Dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "tracker": self.tracker.state_dict(),
             "strategy": self.controller.state_dict(),
+            **({"domain_classifier": self.critic.state_dict()} if self.critic is not None else {}),
             **self._random_streams(),
             **extra,
         }
@@ -88,6 +90,8 @@ class TrainState:
         """Load a checkpoint; returns the first epoch still to run. The optimizer goes before the
         schedule, whose gate sits on the optimizer's LRs; the random streams go last."""
         self.model.load_state_dict(ckpt["model"])
+        if self.critic is not None:
+            self.critic.load_state_dict(ckpt["domain_classifier"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         if self.scaler is not None and ckpt.get("scaler"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -87,8 +87,11 @@ def train_one_epoch(
     channels_last: bool = False,
     check_every: int = 1,
     across_processes: bool = False,
+    adapt: Optional[Any] = None,
 ) -> EpochResult:
-    """One pass over ``loader``. The loss is checked for NaN/inf every ``check_every`` steps
+    """One pass over ``loader``. ``adapt`` (an ``adapt.Adaptation``; ``model`` is then its
+    ``Adapted`` module): each source batch goes through with a target batch, and the domain loss
+    joins the classification loss. The loss is checked for NaN/inf every ``check_every`` steps
     (each check waits for the device; on CUDA the tool checks every 50 steps).
     ``across_processes``: the run's processes decide the check together and sum the metrics (only
     for what every process runs in step: not for one process's synthetic pretraining)."""
@@ -106,20 +109,29 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         if mix is not None:
             images, targets = mix(images, targets)  # soft targets from here on
+        n = images.size(0)
+        if adapt is not None:
+            images = torch.cat([images, to_device(adapt.next_target(n), device, channels_last)])
         with precision.autocast(device):
-            logits, aux = split_outputs(model(images))
+            out = model(images)
+            domain_loss = None
+            if adapt is not None:
+                out, domain_loss = adapt.split(out, n)
+            logits, aux = split_outputs(out)
             loss = criterion(logits, targets)
             for a in aux:
                 loss = loss + aux_weight * criterion(a, targets)
             if penalty is not None:
                 loss = loss + penalty()
+            task_loss = loss  # what train_loss reports (the domain loss is reported on its own)
+            if domain_loss is not None:
+                loss = loss + domain_loss
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0:
             _check_finite(finite, loss, step, check_every, desc, across_processes)
         _update(loss, optimizer, params, scaler, grad_clip)
         step_schedule()
-        n = targets.size(0)
-        total_loss += loss.detach() * n
+        total_loss += task_loss.detach() * n
         correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
         seen += n
         if should_stop():

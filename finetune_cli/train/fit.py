@@ -20,9 +20,12 @@ from finetune_cli import ui, world
 from finetune_cli.build import Parts
 from finetune_cli.data.folders import make_loader
 from finetune_cli.errors import FinetuneError
+from finetune_cli.io_utils import atomic_torch_save, safe_torch_load
 from finetune_cli.models import count_params
 from finetune_cli.record import Recorder
+from finetune_cli.train.adapt import DomainMetrics
 from finetune_cli.train.checkpoint import Start, read_checkpoint
+from finetune_cli.train.domain_view import domain_features, write_picture
 from finetune_cli.train.engine import EpochResult, evaluate, train_one_epoch
 from finetune_cli.train.features import FeatureLoader, TailMismatch, cache_key, extract, summary_of
 from finetune_cli.train.memory import peak_memory, state_bytes
@@ -91,7 +94,9 @@ def _features_once(here: Any, get: Any) -> Any:
 
 def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
     model: nn.Module = torch.compile(parts.model) if parts.settings.compile else parts.model
-    inputs = Inputs(model, parts.train_loader, model, parts.val_loader, summary_of(parts.caching, parts.tail, {}))
+    # with adaptation, training runs the model and the domain classifier as one module
+    trains = parts.adaptation.module if parts.adaptation is not None else model
+    inputs = Inputs(trains, parts.train_loader, model, parts.val_loader, summary_of(parts.caching, parts.tail, {}))
     if not parts.caching.val:
         return inputs
     try:
@@ -127,6 +132,8 @@ def wrap_for_processes(parts: Parts, inputs: Inputs) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     module = parts.tail.module if inputs.train_batches is not parts.train_loader else parts.model
+    if parts.adaptation is not None:
+        module = parts.adaptation.module
     if not any(p.requires_grad for p in module.parameters()):
         inputs.train_model = module
         return
@@ -143,9 +150,30 @@ def apply_phase(parts: Parts, events: Sequence[Event]) -> None:
         parts.schedule.rewarmup(parts.settings.rewarmup_steps)
 
 
+@dataclass
+class DomainResult:
+    """adapt= and the target domain: what one epoch measured there."""
+
+    target: Optional[EpochResult] = None  # the target's labelled val/, evaluated only
+    domain: Optional[DomainMetrics] = None  # the domain loss (adapt=dann|mmd)
+
+    def columns(self) -> Dict[str, Any]:
+        row: Dict[str, Any] = {}
+        if self.target is not None:
+            row.update(target_val_loss=self.target.loss, target_val_acc=self.target.acc)
+        if self.domain is not None:
+            row.update(domain_loss=self.domain.loss, domain_weight=self.domain.weight)
+            if self.domain.acc is not None:
+                row["domain_acc"] = self.domain.acc
+        return row
+
+
 def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, totals: Totals
-                       ) -> Tuple[EpochResult, EpochResult]:
+                       ) -> Tuple[EpochResult, EpochResult, DomainResult]:
     env, s = parts.env, parts.settings
+    adapt = parts.adaptation
+    if adapt is not None:
+        adapt.begin_epoch(epoch, len(parts.train_loader))
     try:
         tr = train_one_epoch(
             inputs.train_model, inputs.train_batches, parts.optimizer, parts.criterion, env.device,
@@ -154,7 +182,7 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
             should_stop=lambda: world.anyone(stop.requested()), progress=env.progress,
             desc=f"epoch {epoch}/{parts.controller.epochs}",
             channels_last=env.channels_last, check_every=50 if env.device.type == "cuda" else 1,
-            across_processes=env.world.distributed,
+            across_processes=env.world.distributed, adapt=adapt,
         )
         now = state_bytes(parts.model, parts.optimizer)
         totals.held = {k: max(v, totals.held.get(k, 0)) for k, v in now.items()}
@@ -162,15 +190,21 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
         va = evaluate(inputs.val_model, inputs.val_batches, VALIDATION_LOSS, env.device, precision=env.precision,
                       should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last,
                       across_processes=env.world.distributed)
+        found = DomainResult(domain=adapt.epoch_metrics(env.world.distributed) if adapt is not None else None)
+        if parts.target_val_loader is not None and not va.interrupted:
+            found.target = evaluate(parts.model, parts.target_val_loader, VALIDATION_LOSS, env.device,
+                                    precision=env.precision, should_stop=stop.requested, progress=env.progress,
+                                    desc="target val", channels_last=env.channels_last,
+                                    across_processes=env.world.distributed)
     except RuntimeError:
         if stop.requested():  # loader workers got the signal too
             raise Interrupted(stop.signum, epoch) from None
         raise
-    if world.anyone(tr.interrupted or va.interrupted):  # every process stops at the same point
-        raise Interrupted(stop.signum or signal.SIGTERM, epoch)
+    if world.anyone(tr.interrupted or va.interrupted or bool(found.target and found.target.interrupted)):
+        raise Interrupted(stop.signum or signal.SIGTERM, epoch)  # every process stops at the same point
     totals.images += tr.images
     totals.seconds += tr.seconds
-    return tr, va
+    return tr, va, found
 
 
 def restore_stage_best(parts: Parts, recorder: Recorder, event: RestoreStageBest, epoch: int) -> None:
@@ -211,7 +245,7 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     for e in words(events):
         log.info(f"epoch {epoch}: {e}")
 
-    tr, va = train_and_validate(parts, inputs, epoch, stop, totals)
+    tr, va, domains = train_and_validate(parts, inputs, epoch, stop, totals)
     monitored = va.acc if parts.settings.maximize else va.loss
     if not math.isfinite(monitored):
         raise FinetuneError(
@@ -233,7 +267,7 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
         "epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss, "val_acc": va.acc,
         "lr": lrs_now[names[-1]], **{f"lr_{name}": lrs_now[name] for name in names},
         "epoch_seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "train_images_per_s": tr.images_per_s,
-        "trainable_params": trainable_now, "trainable_groups": k_now, "events": "; ".join(said),
+        "trainable_params": trainable_now, "trainable_groups": k_now, **domains.columns(), "events": "; ".join(said),
     }
     events_so_far = recorder.summary.get("events", []) + [{"epoch": epoch, "event": e} for e in said]
     save_every = parts.settings.save_every
@@ -244,7 +278,7 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
         best=improved,
         keep_as=f"epoch_{epoch:03d}.pt" if save_every and epoch % save_every == 0 else None,
         stage_best=any(isinstance(e, KeepStageBest) for e in after),
-        summary=progress_summary(parts, epoch, trainable_now, totals, events_so_far),
+        summary=progress_summary(parts, epoch, trainable_now, totals, events_so_far, recorder.rows + [row]),
     )
     ui.show_epoch(row, controller.epochs, improved)
     for e in words(after):
@@ -252,8 +286,8 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     return finished
 
 
-def progress_summary(parts: Parts, epoch: int, trainable: int, totals: Totals, events: List[Dict[str, Any]]
-                     ) -> Dict[str, Any]:
+def progress_summary(parts: Parts, epoch: int, trainable: int, totals: Totals, events: List[Dict[str, Any]],
+                     rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     tracker = parts.state.tracker
     mem, mem_kind = peak_memory(parts.env.device)
     held = totals.held
@@ -268,11 +302,56 @@ def progress_summary(parts: Parts, epoch: int, trainable: int, totals: Totals, e
         "memory_mb": {k: v / 2**20 for k, v in held.items()},
         "grad_optimizer_mb": (held["grads"] + held["optimizer_state"]) / 2**20,
         "events": events,
+        **target_summary(rows, tracker.best_epoch),
     }
+
+
+def target_summary(rows: List[Dict[str, Any]], best_epoch: Optional[int]) -> Dict[str, Any]:
+    """The target domain's accuracy at the best epoch (chosen on the labelled val set: the
+    target's labels are never used to choose) and at the last, when there is a target val/."""
+    if not rows or "target_val_acc" not in rows[-1]:
+        return {}
+    at_best = next((r for r in rows if r["epoch"] == best_epoch), rows[-1])
+    found = {"target_val_acc": at_best["target_val_acc"], "target_val_acc_last": rows[-1]["target_val_acc"],
+             "source_val_acc": at_best["val_acc"]}
+    if "domain_acc" in rows[-1]:
+        found["domain_acc_last"] = rows[-1]["domain_acc"]
+    return {"target": found}
+
+
+def domain_view(parts: Parts, recorder: Recorder, *, fresh: bool = True, before: Optional[Dict[str, Any]] = None
+                ) -> Optional[Dict[str, Any]]:
+    """With a labelled target val/ set: the features of both domains (rank 0 alone), kept in the
+    run folder before the first epoch and read back from there by a resumed run (``fresh=False``);
+    with ``before``, the picture of both."""
+    target = parts.splits.target
+    if target is None or target.val is None or not recorder.writes:
+        return None
+    path = recorder.features_before
+    if before is None and not fresh:
+        return safe_torch_load(path) if path.is_file() else None
+    env = parts.env
+    try:
+        found = domain_features(parts.model, parts.tail, parts.splits.val, target.val, env.device, env.precision,
+                                env.workers)
+    except TailMismatch as exc:
+        log.warning(f"No adapt_features.png: this model's output is not a function of its head's input alone ({exc}).")
+        return None
+    if before is None:
+        recorder.write(atomic_torch_save, found, path)
+        return found
+    picture = write_picture(recorder.out_dir / "adapt_features.png", before, found, parts.splits.classes,
+                            f"{parts.identity['model_name']}: head-input features, PCA "
+                            f"(adapt={parts.adaptation.method.value if parts.adaptation else 'none'})")
+    if picture:
+        log.info(f"Source and target features before and after training: {picture}")
+        recorder.summary["adapt_features"] = str(picture)
+    return found
 
 
 def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
     """Train from ``start.epoch``; returns what the summary adds at the end."""
+    before = domain_view(parts, recorder, fresh=not start.checkpoint)
     inputs = epoch_inputs(parts, recorder)
     recorder.summary.update(feature_cache=inputs.cache, setup_seconds=recorder.seconds())
     totals, stop, finished = Totals(), GracefulStop(on_second=recorder.forced_out), None
@@ -285,4 +364,6 @@ def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
                     break
     except Interrupted as exc:
         raise recorder.interrupted(exc) from None
+    if before is not None:
+        domain_view(parts, recorder, before=before)
     return {"stopped_early": bool(finished)}
