@@ -12,6 +12,7 @@ import torch
 from finetune_cli.config import AdaptConfig, AdaptName
 from finetune_cli.data.domains import target_domain
 from finetune_cli.errors import FinetuneError
+from finetune_cli.tools.table import read_run, render_table
 from finetune_cli.train.adapt import Adaptation, mk_mmd, ramp, reverse_gradient
 
 from helpers import cli, make_image_folder
@@ -116,6 +117,9 @@ def test_an_adapted_run_reports_both_domains_and_draws_the_features(finetune, me
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ("domain_classifier" in ckpt) == (method == "dann")
     assert not any(k.startswith("critic") for k in ckpt["model"])  # the exported model is the classifier alone
+    reported = read_run(run, run.parent)  # the report's row (report.csv) and its table's column
+    assert reported.row["target_val_acc"] == pytest.approx(t["target_val_acc"]) and reported.row["adapt"] == method
+    assert "target acc" in [c.header for c in render_table([reported]).columns]
 
 
 def test_source_only_with_a_target_domain_measures_it_and_trains_as_without_one(finetune):
