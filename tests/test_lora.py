@@ -147,6 +147,12 @@ def test_the_tools_merge_lora_into_the_weights_of_a_plain_model(finetune, tmp_pa
             reference = load_for_inference(str(run)).model(x)
         got = merged(x)
     assert reference.abs().max() > 0.1 and (got - reference).abs().max() <= 1e-5
+    # model.weights=RUN/checkpoints/best.pt starts another run from the merged weights
+    from finetune_cli.models.weights import read_state_dict
+
+    state = read_state_dict(run / "checkpoints" / "best.pt")
+    assert state.keys() == merged.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in merged.state_dict().items())
     card = export(str(run), tmp_path / "export", opset=18, tolerance=1e-4)
     program = torch.export.load(str(tmp_path / "export" / "model.pt2"))
     assert not [k for k in program.state_dict if "lora" in k or "base_layer" in k]

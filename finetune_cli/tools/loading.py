@@ -76,6 +76,12 @@ def model_of(ckpt: Dict[str, Any], image_size: int) -> nn.Module:
     return merge(tuner)
 
 
+def merged_state(ckpt: Dict[str, Any], path: Path) -> Dict[str, torch.Tensor]:
+    """A LoRA run's checkpoint as the state dict of the plain model (model.weights=RUN/checkpoints/best.pt)."""
+    ckpt = {**ckpt, "path": str(path)}
+    return model_of(ckpt, int(ckpt["preprocess"]["crop_size"])).state_dict()
+
+
 def base_weights(ckpt: Dict[str, Any]) -> WeightsChoice:
     """The weights an adapter-only checkpoint (strategy.lora_save=adapter) was trained on, from the
     run's model.weights: its LoRA matrices and head go on top of them."""
