@@ -24,7 +24,7 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.train.engine import Precision
 
 PRESETS = ["linear_probe", "freeze_early", "partial", "full", "discriminative", "progressive", "ulmfit", "two_phase",
-           "staged", "auto", "bitfit", "norm"]
+           "staged", "auto", "bitfit", "norm", "lora"]
 
 
 def spread(values):

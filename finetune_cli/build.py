@@ -18,11 +18,13 @@ from finetune_cli.config import (
     AdaptName,
     AugmentName,
     Config,
+    LoraSave,
     LRScaling,
     Monitor,
     RegularizerConfig,
     RegularizerName,
     ScheduleConfig,
+    StrategyConfig,
 )
 from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
 from finetune_cli.data.loading import load_data
@@ -31,6 +33,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models import BuiltModel, HeadSpec, create_model, resolve_weights
 from finetune_cli.models.factory import load_weights_file, preprocess_for
 from finetune_cli.models.groups import head_paths, layer_groups
+from finetune_cli.models.lora import LoraSettings, adapt, check_reach, digest, left_out_keys
 from finetune_cli.models.pretrain import estimate_seconds, synthetic_weights, synthetic_weights_path
 from finetune_cli.models.tail import Tail, find_tail
 from finetune_cli.models.weights import WeightsChoice, hub_file
@@ -161,10 +164,18 @@ def planned_weights(cfg: Config, env: Env) -> WeightsChoice:
     return choice
 
 
+def lora_settings(st: StrategyConfig) -> Optional[LoraSettings]:
+    """strategy.lora_*, or None without LoRA."""
+    return LoraSettings(st.lora_rank, st.lora_alpha, st.lora_dropout, st.lora_targets.value) if st.lora else None
+
+
 def model_for(cfg: Config, choice: WeightsChoice, classes: List[str], env: Env) -> BuiltModel:
     m = cfg.model
     built = create_model(m.name, choice, len(classes), head=HeadSpec(m.head, m.head_hidden, m.head_dropout),
                          aux_logits=m.aux_logits, image_size=cfg.data.image_size, progress=env.progress)
+    lora = lora_settings(cfg.strategy)
+    if lora is not None:
+        adapt(built, lora)
     built.model.to(env.device)
     if env.channels_last:
         built.model.to(memory_format=torch.channels_last)
@@ -292,13 +303,27 @@ def check_against_model(cfg: Config) -> None:
     with torch.device("meta"):
         built = create_model(m.name, WeightsChoice("none"), 2, head=HeadSpec(m.head, m.head_hidden, m.head_dropout),
                              aux_logits=m.aux_logits, image_size=cfg.data.image_size)
+        lora = lora_settings(cfg.strategy)
+        if lora is not None:
+            adapt(built, lora)
     names = [g.name for g in built.groups]
-    resolve(cfg.strategy, names, epochs=cfg.trainer.epochs, images_per_class=1.0)
+    recipe = resolve(cfg.strategy, names, epochs=cfg.trainer.epochs, images_per_class=1.0)
+    if lora is not None:
+        check_reach(built.groups, recipe.max_k)
     layerwise_lrs(cfg.optimizer.lr * cfg.strategy.lr_scale, len(names), cfg.strategy.lr_decay, cfg.strategy.group_lrs)
     if m.weights not in (None, "synthetic"):
         choice = resolve_weights(m.name, m.weights)
         if choice.kind == "file":
             load_weights_file(built.model, built.family, choice)
+
+
+def adapter_only(built: BuiltModel, save: LoraSave) -> Dict[str, Any]:
+    """With LoRA and strategy.lora_save=adapter: the weights checkpoints leave out (every weight the
+    run never trains, read again from model.weights) and their digest, to know them again."""
+    if built.lora is None or save != LoraSave.adapter:
+        return {}
+    keys = left_out_keys(built.model, built.groups)
+    return {"left_out": tuple(keys), "base_digest": digest(built.model.state_dict(), keys)}
 
 
 def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training: bool = True) -> Parts:
@@ -314,6 +339,8 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     groups, t = built.groups, cfg.trainer
 
     recipe = resolve(cfg.strategy, [g.name for g in groups], epochs=t.epochs, images_per_class=splits.images_per_class)
+    if built.lora is not None:
+        check_reach(groups, recipe.max_k)
     controller = Controller(recipe, groups, cfg.strategy.bn, t.monitor)
     controller.apply()
     lrs = layerwise_lrs(base_lr(cfg, env.world.size), len(groups), recipe.lr_decay, cfg.strategy.group_lrs)
@@ -340,7 +367,8 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     schedule.set_multiplier(controller.lr_mult)  # the first stage's
     tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
     state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
-                       train_loader.generator, critic=adapting.critic if adapting is not None else None)
+                       train_loader.generator, critic=adapting.critic if adapting is not None else None,
+                       **adapter_only(built, cfg.strategy.lora_save))
     penalty = regularizer(cfg.regularizer, built, backbone, splits, pre, env) if training else None
     settings = FitSettings(t.monitor, t.grad_clip, cfg.model.aux_weight,
                            int(round(cfg.strategy.rewarmup_epochs * len(train_loader))), t.save_every, t.compile, bs)
@@ -350,7 +378,8 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
         tail=tail, caching=cache_plan(cfg, built, tail, recipe),
         criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
         mixer=make_mixer(cfg.augment, len(splits.classes)), penalty=penalty, settings=settings,
-        identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved},
+        identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved,
+                  **({"lora": built.lora.to_dict()} if built.lora is not None else {})},
         notes=[schedule_note], schedule_name=schedule_cfg.name.value,
         adaptation=adapting, target_val_loader=target_val_loader,
     )

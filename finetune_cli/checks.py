@@ -71,6 +71,9 @@ RANGES = [
     ("strategy.auto_lr_decay", 1, INF, "[)", "the LR divisor from one group to the next one down"),
     ("strategy.every", 1, INF, "[)", "epochs between unfreezes"),
     ("strategy.until", -1, INF, "[)", "groups below the head that end up training; -1 = all"),
+    ("strategy.lora_rank", 1, INF, "[)", "the rank of the LoRA matrices"),
+    ("strategy.lora_alpha", 0, INF, "()", "LoRA's alpha (its update is scaled by alpha / rank)"),
+    ("strategy.lora_dropout", 0, 1, "[)", "the dropout on LoRA's input"),
     ("optimizer.weight_decay", 0, INF, "[)", "the decoupled weight decay"),
     ("optimizer.momentum", 0, 1, "[)", "SGD momentum"),
     ("optimizer.betas", 0, 1, "[)", "Adam's moving-average factors"),
@@ -232,6 +235,13 @@ def _training_problems(cfg: Config) -> List[str]:
             "regularizer=ewc weighs each weight by how much the pretrained model's own predictions depend on it, "
             f"which needs pretrained weights with their classifier; model.weights={cfg.model.weights} is random init. "
             "Give pretrained weights (DEFAULT, a file, synthetic), or use regularizer=l2sp."
+        )
+    if st.lora and st.lora_save.value == "adapter" and (cfg.model.weights is None
+                                                         or cfg.model.weights.strip().lower() in RANDOM_NAMES):
+        found.append(
+            "strategy.lora_save=adapter keeps only what trains in each checkpoint and reads the frozen weights again "
+            f"from model.weights, but model.weights={cfg.model.weights} is random init, which cannot be read again. "
+            "Use strategy.lora_save=full, or pretrained weights (DEFAULT, a file, synthetic)."
         )
     devices = str(cfg.trainer.devices).strip().lower()
     if devices != "auto" and not (devices.isdigit() and int(devices) >= 1):

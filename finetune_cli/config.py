@@ -44,6 +44,16 @@ class BNMode(str, Enum):
     freeze_all = "freeze_all"  # every BatchNorm in eval mode, even in trainable groups
 
 
+class LoraTargets(str, Enum):
+    all = "all"  # the family's LoRA layers in every group below the head
+    last = "last"  # those in the upper half of the groups below the head (the last stages)
+
+
+class LoraSave(str, Enum):
+    full = "full"  # checkpoints hold every weight: they stand alone
+    adapter = "adapter"  # only what trains (LoRA matrices, head) and the buffers; the rest is model.weights
+
+
 class HeadType(str, Enum):
     linear = "linear"
     mlp = "mlp"
@@ -213,6 +223,15 @@ class StrategyConfig:
     auto_small: int = 100
     auto_large: int = 1000
     auto_lr_decay: float = 1.5
+    # LoRA (strategy=lora; or lora=true with any strategy that trains groups below the head): a
+    # training group below the head trains only low-rank matrices (peft) beside the family's chosen
+    # layers, whose own weights stay frozen; the head trains fully
+    lora: bool = False
+    lora_rank: int = 8  # r
+    lora_alpha: float = 16.0  # the update B @ A is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    lora_targets: LoraTargets = LoraTargets.all
+    lora_save: LoraSave = LoraSave.full
 
 
 @dataclass

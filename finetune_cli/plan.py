@@ -9,6 +9,7 @@ from finetune_cli import ui
 from finetune_cli.build import Parts
 from finetune_cli.config import AdaptName, BNMode, Config, RegularizerName, StrategyName
 from finetune_cli.models import count_params
+from finetune_cli.models.lora import is_lora_param, lora_count, shapes
 from finetune_cli.train.freezing import also_trained, bn_frozen_for, has_batchnorm
 from finetune_cli.train.recipe import Recipe
 
@@ -47,21 +48,26 @@ def plan_rows(parts: Parts, bn_mode: BNMode) -> List[dict]:
     recipe, mask = parts.recipe, parts.controller.mask()
     lrs = [lr * parts.controller.lr_mult for lr in parts.lrs]
     rows = []
+    last = len(mask) - 1
     for i, (group, on, lr) in enumerate(zip(parts.built.groups, mask, lrs)):
         later = unfreeze_epoch(recipe, i)
         extra = set() if on else also_trained(group, recipe.also)
-        if on:
+        lora = lora_count(group) if recipe.only == "lora" and i < last else None
+        if lora == 0:
+            status, on = "frozen (no LoRA layer)", False
+        elif on and lora:
+            status = f"LoRA only ({lora:,})"
+        elif on:
             status = "train"
         elif extra:
             count = sum(p.numel() for _, p in group.params if id(p) in extra)
             status = f"{'biases' if recipe.also == 'bias' else 'norm layers'} only ({count:,})"
             on = True  # for its BatchNorm mode
         elif later is not None and later <= recipe.epochs:
-            status = f"from epoch {later}"
+            status = f"{'LoRA ' if lora else ''}from epoch {later}"
         else:
             status = "frozen"
-        head = i == len(mask) - 1
-        bn = "-" if not has_batchnorm(group) else ("eval" if bn_frozen_for(bn_mode, on, head=head) else "train")
+        bn = "-" if not has_batchnorm(group) else ("eval" if bn_frozen_for(bn_mode, on, head=i == last) else "train")
         rows.append({"group": group.name, "params": group.num_params, "status": status, "lr": f"{lr:.2e}", "bn": bn})
     return rows
 
@@ -72,6 +78,7 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     if recipe.decision:
         out.insert(0, f"auto strategy: {recipe.decision['reason']} -> {recipe.decision['chose']}")
     out += [f"Timeline: {step}" for step in timeline(recipe)]
+    out += lora_notes(parts, cfg.strategy.bn)
     unused = " (data.val_fraction is not used: the val/ folder is the validation set)" if splits.val_source.startswith("val/") else ""
     out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images{unused}.")
     if splits.target is not None:
@@ -98,6 +105,40 @@ def adapt_text(cfg: Config, parts: Parts) -> str:
     else:
         how = f"adapt=mmd: multi-kernel MMD (5 Gaussian kernels) on the head's input, weight {a.weight:g}{ramp}"
     return f"{where}. {how}. Each batch: {cfg.data.batch_size} labelled + {cfg.data.batch_size} target images."
+
+
+def lora_summary(parts: Parts) -> Optional[Dict[str, Any]]:
+    """The LoRA layers of the run, for the plan and summary.json; None without LoRA."""
+    adapted = parts.built.lora
+    if adapted is None:
+        return None
+    params = sum(p.numel() for n, p in parts.model.named_parameters() if is_lora_param(n))
+    total = sum(p.numel() for p in parts.model.parameters())
+    return {"rank": adapted.rank, "alpha": adapted.alpha, "scale": adapted.scale, "dropout": adapted.dropout,
+            "targets": adapted.where, "layers": len(adapted.modules) + len(adapted.parameters), "params": params,
+            "pct_of_model": 100.0 * params / max(total, 1), "base_params": total - params}
+
+
+def lora_notes(parts: Parts, bn_mode: BNMode) -> List[str]:
+    """What LoRA adds: rank, layers, parameters and their shapes, and what BatchNorm does."""
+    info = lora_summary(parts)
+    if info is None:
+        return []
+    where = "every group" if info["targets"] == "all" else "the upper half of the groups"
+    out = [
+        f"LoRA (peft): rank {info['rank']}, alpha {info['alpha']:g} (updates scaled by {info['scale']:g}), dropout "
+        f"{info['dropout']:g}, on {info['layers']} layers in {where} below the head (strategy.lora_targets="
+        f"{info['targets']}): {info['params']:,} parameters, {info['pct_of_model']:.2f}% of the model "
+        f"({info['base_params']:,} without them). The weights they adapt stay frozen; the head trains fully.",
+        "LoRA matrices by adapted weight: " + "; ".join(shapes(parts.model)),
+    ]
+    if any(has_batchnorm(g) for g in parts.built.groups[:-1]):
+        how = {BNMode.train: "follow the target data (as the adapted layers change)",
+               BNMode.frozen_eval: "follow the target data in groups whose LoRA trains, and stay as pretrained elsewhere",
+               BNMode.freeze_all: "stay as pretrained"}[bn_mode]
+        out.append(f"BatchNorm with LoRA: scale and shift stay as pretrained; the running statistics {how} "
+                   f"(strategy.bn={bn_mode.value}).")
+    return out
 
 
 def processes_text(world: Any, batch_size: int, scaling: Any = None) -> str:
@@ -152,6 +193,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
         "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1),
         "groups": rows,
+        "lora": lora_summary(parts),
         "output_dir": str(out_dir),
     }
 

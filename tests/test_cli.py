@@ -277,7 +277,7 @@ def test_installed_wheel_ships_its_config(tmp_path):
                           text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     listed = " ".join(proc.stdout.split())
-    assert "strategy: auto, bitfit, discriminative, freeze_early, full, linear_probe, norm, partial, progressive, staged, two_phase, ulmfit" in listed
+    assert "strategy: auto, bitfit, discriminative, freeze_early, full, linear_probe, lora, norm, partial, progressive, staged, two_phase, ulmfit" in listed
 
 
 def test_early_stopping_with_label_smoothing_and_clipping(finetune, caplog):

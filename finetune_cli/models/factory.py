@@ -6,7 +6,7 @@ import difflib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -19,6 +19,9 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models.families import Family, family_of
 from finetune_cli.models.groups import LayerGroup, layer_groups
 from finetune_cli.models.weights import WeightsChoice, ensure_downloaded, read_weights
+
+if TYPE_CHECKING:
+    from finetune_cli.models.lora import Adapted
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class BuiltModel:
     # source task's head, a weights file's own head), main head only; None when the weights
     # carry none (random init, a head-less file). Not part of ``model``: see ``swapped_head``.
     source_head: Optional[nn.Module] = None
+    lora: Optional["Adapted"] = None  # the LoRA layers added (strategy.lora), None without
 
 
 def classification_models() -> List[str]:

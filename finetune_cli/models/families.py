@@ -15,6 +15,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 GroupSpec = List[Tuple[str, List[str]]]
+# Where LoRA goes (strategy.lora): dotted names of the layers peft wraps, and of parameters it adapts
+# in place where the model reads a weight without calling its layer. The head is left out later.
+LoraSpec = Tuple[List[str], List[str]]
+
+
+def _lora_layers(m: nn.Module) -> LoraSpec:
+    """Convolutional networks: every convolution and linear layer, but grouped (depthwise)
+    convolutions, whose LoRA update peft cannot merge back into the weights."""
+    return [n for n, mod in m.named_modules()
+            if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)], []
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ class Family:
     min_input: int = 32  # smallest input side the architecture accepts
     input_size_kwarg: bool = False  # the builder takes ``image_size`` (positional embeddings)
     random_init_kwargs: Dict[str, object] = field(default_factory=dict)
+    lora: Callable[[nn.Module], LoraSpec] = _lora_layers  # where LoRA goes (strategy.lora)
 
 
 def _children(model: nn.Module, path: str) -> List[str]:
@@ -198,6 +209,28 @@ def _shufflenet(m: nn.Module) -> GroupSpec:
     ]
 
 
+# --- where LoRA goes, one function per kind of family ------------------------------------------
+# peft can adapt a layer only where the model calls it: torchvision's attention reads the weights of
+# nn.MultiheadAttention's out_proj and of Swin's qkv and proj without calling those layers, so LoRA
+# there would never run. tests/test_families.py checks that every layer named here gets a gradient.
+
+
+def _mlp_linears(m: nn.Module) -> List[str]:
+    return [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and re.search(r"\.mlp\.\d+$", n)]
+
+
+def _lora_vit(m: nn.Module) -> LoraSpec:
+    """Each encoder block's MLP (two linears) and its attention's query/key/value projection
+    (``in_proj_weight``, adapted as a parameter while the attention runs). Not the patch embedding."""
+    attention = [f"{n}.in_proj_weight" for n, mod in m.named_modules() if isinstance(mod, nn.MultiheadAttention)]
+    return _mlp_linears(m), attention
+
+
+def _lora_swin(m: nn.Module) -> LoraSpec:
+    """Each block's MLP (two linears): Swin's windowed attention reads its qkv and proj weights directly."""
+    return _mlp_linears(m), []
+
+
 FAMILIES: Tuple[Family, ...] = (
     Family("resnet", r"^(resnet|resnext|wide_resnet)\d", head="fc", groups=_resnet),
     Family("vgg", r"^vgg\d", head="classifier.6", groups=_vgg_like),
@@ -230,9 +263,9 @@ FAMILIES: Tuple[Family, ...] = (
     Family("mobilenet_v3", r"^mobilenet_v3_", head="classifier.3", groups=_mobile),
     Family("mnasnet", r"^mnasnet", head="classifier.1", groups=_mnasnet),
     Family("convnext", r"^convnext_", head="classifier.2", groups=_hierarchical),
-    Family("swin", r"^swin_", head="head", groups=_hierarchical),
+    Family("swin", r"^swin_", head="head", groups=_hierarchical, lora=_lora_swin),
     Family("maxvit", r"^maxvit_", head="classifier.5", groups=_maxvit, min_input=224),
-    Family("vit", r"^vit_", head="heads.head", groups=_vit, input_size_kwarg=True),
+    Family("vit", r"^vit_", head="heads.head", groups=_vit, input_size_kwarg=True, lora=_lora_vit),
     Family("densenet", r"^densenet", head="classifier", groups=_densenet),
     Family("regnet", r"^regnet_", head="fc", groups=_regnet),
     Family("shufflenet", r"^shufflenet_v2_", head="fc", groups=_shufflenet),

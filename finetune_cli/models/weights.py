@@ -127,6 +127,10 @@ def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str
                 "again with safetensors.torch.save_file."
             ) from None
     obj = safe_torch_load(path)
+    if isinstance(obj, dict) and obj.get("lora"):  # a LoRA run's checkpoint: its LoRA merged into the weights
+        from finetune_cli.tools.loading import merged_state
+
+        return merged_state(obj, path), None
     apart = None
     if isinstance(obj, dict) and isinstance(obj.get("source_head"), dict):
         apart = {k.removeprefix("module."): v for k, v in obj["source_head"].items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,12 +62,25 @@ class TrainState:
     controller: Controller
     loader_generator: torch.Generator
     critic: Optional[nn.Module] = None  # adapt=dann: the domain classifier
+    # LoRA with strategy.lora_save=adapter: the weights the run never trains, left out of every
+    # checkpoint (read again from model.weights), and their digest
+    left_out: Tuple[str, ...] = ()
+    base_digest: Optional[str] = None
+
+    def model_state(self) -> Dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        if not self.left_out:
+            return state
+        gone = set(self.left_out)
+        return {k: v for k, v in state.items() if k not in gone}
 
     def checkpoint(self, epoch: int, **extra: Any) -> Dict[str, Any]:
+        base = {"base": {"left_out": len(self.left_out), "sha256": self.base_digest}} if self.left_out else {}
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "model": self.model_state(),
+            **base,
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -89,7 +102,7 @@ class TrainState:
     def restore(self, ckpt: Dict[str, Any]) -> int:
         """Load a checkpoint; returns the first epoch still to run. The optimizer goes before the
         schedule, whose gate sits on the optimizer's LRs; the random streams go last."""
-        self.model.load_state_dict(ckpt["model"])
+        load_model_state(self.model, ckpt, self.base_digest)
         if self.critic is not None:
             self.critic.load_state_dict(ckpt["domain_classifier"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -107,10 +120,35 @@ class TrainState:
     def restore_weights(self, ckpt: Dict[str, Any]) -> None:
         """Weights and optimizer moments from an earlier epoch (a stage's best), keeping the
         LRs, the schedule and everything else where the run is now."""
-        self.model.load_state_dict(ckpt["model"])
+        load_model_state(self.model, ckpt, self.base_digest)
         current = self.optimizer.state_dict()
         current["state"] = ckpt["optimizer"]["state"]
         self.optimizer.load_state_dict(current)
+
+
+def load_model_state(model: nn.Module, ckpt: Dict[str, Any], base_digest: Optional[str]) -> None:
+    """The checkpoint's weights into ``model``. A checkpoint of LoRA adapters alone
+    (strategy.lora_save=adapter) loads into a model whose other weights were read from the run's
+    model.weights: those must be the ones it was trained on (their digest), and exactly the keys it left out."""
+    base = ckpt.get("base")
+    if not base:
+        model.load_state_dict(ckpt["model"])
+        return
+    if base.get("sha256") != base_digest:
+        weights = ((ckpt.get("config") or {}).get("model") or {}).get("weights")
+        raise FinetuneError(
+            f"{ckpt.get('path', 'The checkpoint')} holds LoRA adapters only (strategy.lora_save=adapter): its other "
+            f"weights come from model.weights={weights}, and the weights read from there now are not the ones it was "
+            "trained on (another file, or synthetic weights pretrained again). Give the same weights, or train with "
+            "strategy.lora_save=full, whose checkpoints hold every weight."
+        )
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or len(missing) != base.get("left_out"):
+        raise FinetuneError(
+            f"{ckpt.get('path', 'The checkpoint')} holds LoRA adapters that do not fit this model "
+            f"({len(unexpected)} unexpected tensors, {len(missing)} missing where {base.get('left_out')} were left out): "
+            "use the model, strategy.lora_* settings and head it was saved with."
+        )
 
 
 def finished_reason(ckpt: Dict[str, Any], epochs: int, patience: Optional[int] = None) -> Optional[str]:

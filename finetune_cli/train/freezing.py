@@ -13,6 +13,7 @@ from torchvision.ops import StochasticDepth
 
 from finetune_cli.config import BNMode
 from finetune_cli.models.groups import LayerGroup
+from finetune_cli.models.lora import is_lora_param
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -62,18 +63,37 @@ def also_trained(group: LayerGroup, also: Optional[str]) -> Set[int]:
     return set()
 
 
+def only_trained(group: LayerGroup, only: Optional[str]) -> Set[int]:
+    """The ids of the parameters a training group below the head trains: all of them, or with
+    ``lora`` its LoRA matrices alone (the weights they adapt stay frozen)."""
+    if only == "lora":
+        return {id(p) for name, p in group.params if is_lora_param(name)}
+    return {id(p) for _, p in group.params}
+
+
+def trained_ids(group: LayerGroup, on: bool, head: bool, also: Optional[str] = None,
+                only: Optional[str] = None) -> Set[int]:
+    """The ids of ``group``'s parameters that train: the head's all; a training group's all, or
+    only some (``only``); a frozen group's none, or some (``also``)."""
+    if head:
+        return {id(p) for _, p in group.params} if on else set()
+    return only_trained(group, only) if on else also_trained(group, also)
+
+
 def apply_freezing(groups: Sequence[LayerGroup], mask: Sequence[bool], bn_mode: BNMode,
-                   also: Optional[str] = None) -> None:
+                   also: Optional[str] = None, only: Optional[str] = None) -> None:
     """``requires_grad`` per group. A frozen group is a fixed function: its dropout and stochastic
     depth are off, and its BatchNorm statistics stay fixed unless ``bn=train``. With ``also``,
-    a frozen group's biases or normalization parameters train all the same (its dropout, stochastic
-    depth and statistics then behave as in a group that trains)."""
+    a frozen group's biases or normalization parameters train all the same; with ``only``, a
+    training group below the head trains its LoRA matrices alone. A group counts as training when
+    any of its parameters trains (for its dropout, stochastic depth and statistics)."""
     last = len(groups) - 1
     for i, (group, on) in enumerate(zip(groups, mask)):
-        extra = set() if on else also_trained(group, also)
+        trains = trained_ids(group, on, i == last, also, only)
         for _, p in group.params:
-            p.requires_grad_(on or id(p) in extra)
-        on = on or bool(extra)
+            p.requires_grad_(id(p) in trains)
+        if only if on else also:  # the group trains some of its parameters: does it train any?
+            on = bool(trains)
         frozen_bn = bn_frozen_for(bn_mode, on, head=i == last)
         for module in group.modules:
             for sub in module.modules():

@@ -45,6 +45,7 @@ class Recipe:
     stages: List[Stage] = field(default_factory=list)
     decision: Optional[Dict[str, Any]] = None  # what strategy=auto chose and why
     also: Optional[str] = None  # parameters that train in frozen groups too: "bias" (bitfit) or "norm"
+    only: Optional[str] = None  # what a training group below the head trains, if not all: "lora" (its LoRA matrices)
 
     @property
     def below(self) -> int:
@@ -69,9 +70,10 @@ class Recipe:
     def describe_k(self, k: int) -> str:
         if k == 0:
             return {"bias": "head + every bias", "norm": "head + norm layers"}.get(self.also or "", "head only")
+        lora = "LoRA in " if self.only == "lora" else ""
         if k == self.below:
-            return "all groups"
-        return "head + " + ", ".join(self.names[self.below - k : self.below])
+            return "head + LoRA in every group" if lora else "all groups"
+        return "head + " + lora + ", ".join(self.names[self.below - k : self.below])
 
 
 def _check_k(key: str, value: int, names: Sequence[str]) -> int:
@@ -133,6 +135,12 @@ def resolve(cfg: StrategyConfig, names: List[str], *, epochs: int, images_per_cl
     if cfg.every < 1:
         raise FinetuneError(f"strategy.every must be 1 or more (got {cfg.every}).")
     name, decay, decision, stages = cfg.name, cfg.lr_decay, None, []
+    if cfg.lora and name == StrategyName.auto:
+        raise FinetuneError(
+            "strategy=auto chooses its strategy from the dataset size, and strategy.lora=true needs one that trains "
+            "groups below the head: choose it yourself, e.g. strategy=lora (LoRA in every group) or "
+            "strategy=progressive strategy.lora=true."
+        )
     if name == StrategyName.auto:
         if images_per_class is None:
             raise ValueError("strategy=auto needs the number of images per class")
@@ -152,6 +160,15 @@ def resolve(cfg: StrategyConfig, names: List[str], *, epochs: int, images_per_cl
         k, epochs = stages[0].k, sum(s.epochs for s in stages)
     else:  # progressive starts with the head alone
         k = 0
-    return Recipe(kind=name, names=list(names), k=k, lr_decay=decay, epochs=epochs, until=until, every=cfg.every,
-                  trigger=cfg.trigger, plateau_patience=cfg.plateau_patience, stages=stages, decision=decision,
-                  also={StrategyName.bitfit: "bias", StrategyName.norm: "norm"}.get(name))
+    recipe = Recipe(kind=name, names=list(names), k=k, lr_decay=decay, epochs=epochs, until=until, every=cfg.every,
+                    trigger=cfg.trigger, plateau_patience=cfg.plateau_patience, stages=stages, decision=decision,
+                    also={StrategyName.bitfit: "bias", StrategyName.norm: "norm"}.get(name),
+                    only="lora" if cfg.lora else None)
+    if recipe.only and recipe.max_k == 0:
+        raise FinetuneError(
+            f"strategy.lora=true trains LoRA matrices in the groups a strategy trains below the head, and "
+            f"strategy.name={name.value} trains none there{' (strategy.until=0)' if name == StrategyName.progressive else ''}: "
+            "use strategy=lora (LoRA in every group), or progressive, partial, freeze_early or staged with "
+            "strategy.lora=true."
+        )
+    return recipe

@@ -142,7 +142,7 @@ class Controller:
 
     def apply(self) -> None:
         """Set ``requires_grad`` and the BatchNorm/dropout modes of every group for ``k``."""
-        apply_freezing(self.groups, self.mask(), self.bn, self.recipe.also)
+        apply_freezing(self.groups, self.mask(), self.bn, self.recipe.also, self.recipe.only)
 
     def _set_k(self, k: int) -> None:
         self.k = k
