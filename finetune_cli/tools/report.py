@@ -39,7 +39,8 @@ COLUMNS = [
     "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
     "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
     "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
-    "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain", "error",
+    "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain",
+    "target_val_acc", "adapt", "error",
 ]
 SORT_KEYS = {
     "best": ("best", True),  # direction flips for loss monitors

@@ -101,7 +101,7 @@ def test_folder_layout_errors(tmp_path, layout, needle):
         ("trainer.amp=fp8", "trainer.amp"),
         ("regularizer.name=dropout", "regularizer.name"),
         ("logger.name=wandb", "logger.name"),
-        ("experiment=nope", "Unknown experiment option 'nope'. experiment= takes one of: gradual, probe"),
+        ("experiment=nope", "Unknown experiment option 'nope'. experiment= takes one of: domain_shift, gradual"),
         ("model.weights=IMAGENET9K", "Valid choices: DEFAULT, IMAGENET1K_V1"),
         ("trainer.device=cuda", "no CUDA GPU"),
         ("augment.erasing_p=1.5", "augment.erasing_p is a probability"),
