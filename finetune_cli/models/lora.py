@@ -129,8 +129,12 @@ def inject(model: nn.Module, adapted: Adapted) -> Any:
         warnings.simplefilter("ignore")  # peft's notes on models that are not transformers
         try:
             tuner = LoraModel(model, _config(adapted), ADAPTER)
-        except ValueError as exc:  # a rank peft cannot use on one of the layers
-            raise FinetuneError(f"LoRA could not be added with strategy.lora_rank={adapted.rank}: {exc}") from None
+        except ValueError as exc:  # settings peft refuses for one of the layers
+            raise FinetuneError(
+                f"peft could not add LoRA with strategy.lora_rank={adapted.rank}, strategy.lora_alpha={adapted.alpha:g} "
+                f"and strategy.lora_dropout={adapted.dropout:g} ({str(exc).splitlines()[0]}). Change the setting it "
+                "names, or leave the layer out with strategy.lora_targets=last."
+            ) from None
     return tuner
 
 
