@@ -197,3 +197,13 @@ def test_dann_under_two_processes_trains_like_one_process_with_twice_the_batch(t
     for ra, rb in zip(a, b):
         for k in ("train_loss", "val_acc", "target_val_acc", "domain_loss", "domain_acc"):
             assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5), (k, ra["epoch"])
+
+
+@pytest.mark.bad_input
+def test_a_broken_target_image_is_found_by_the_data_check_and_named_under_the_target(finetune, tmp_path):
+    make_image_folder(tmp_path / "src", ["a", "b"], per_class=4, size=32, val=True)
+    (tmp_path / "tgt").mkdir()
+    (tmp_path / "tgt" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(FinetuneError, match=r"1 of 17 images under .*src and .*tgt cannot be used:\n.*broken.png"):
+        finetune("debug=tiny", "data=imagefolder", f"data.root={tmp_path / 'src'}", "adapt=dann",
+                 f"data.target_root={tmp_path / 'tgt'}")

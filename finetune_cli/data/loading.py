@@ -47,9 +47,10 @@ def listed_files(root: Path, target: Optional[Path]) -> List[str]:
 
 
 def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable[[Dict[str, str]], Path],
-               files: Optional[List[str]] = None) -> frozenset:
-    """Check every image before training (``files``: default, the labelled splits'); stop, or
-    leave the bad ones out (data.on_bad_image)."""
+               files: Optional[List[str]] = None, target: Optional[Path] = None) -> frozenset:
+    """Check every image before training (``files``: default, the labelled splits'; ``target``:
+    the target domain's folder, when its images are among them); stop, or leave the bad ones out
+    (data.on_bad_image)."""
     if not cfg.check_images:
         return frozenset()
     files = listed_files(root, None) if files is None else files
@@ -61,7 +62,7 @@ def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable
     listing = describe(result.bad)
     if cfg.on_bad_image == BadImage.error:
         raise FinetuneError(
-            f"{len(result.bad)} of {result.checked} images under {root} cannot be used:\n{listing}\n"
+            f"{len(result.bad)} of {result.checked} images under {root}{f' and {target}' if target else ''} cannot be used:\n{listing}\n"
             "Fix or delete them, or set data.on_bad_image=skip to train without them. Nothing was trained."
         )
     path = write_skipped(result.bad)
@@ -72,7 +73,7 @@ def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable
 def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: int, cache: Path,
               write_skipped: Callable[[Dict[str, str]], Path]) -> Splits:
     root, target = data_root(cfg, cache), target_root(cfg, cache)
-    exclude = bad_images(cfg, root, cache, write_skipped, listed_files(root, target))
+    exclude = bad_images(cfg, root, cache, write_skipped, listed_files(root, target), target)
     sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
     train_tf, val_tf = train_transform(pre, augment), eval_transform(pre)
     splits = image_folder_splits(
