@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: run the CLI as a user would, find run folders, make data."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -52,3 +53,20 @@ TINY = [
     "data.num_workers=0",
     "trainer.epochs=1",
 ]
+
+
+def assert_same_runs(a: Path, b: Path, columns, states=("model",)):
+    """Two runs ended identical: every tensor of ``states`` in their last.pt, bit for bit, and the
+    ``columns`` of every metrics.csv row. Returns both checkpoints and both metrics tables."""
+    import torch
+
+    ckpt_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    ckpt_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    for state in states:
+        assert ckpt_a[state].keys() == ckpt_b[state].keys(), state
+        assert all(torch.equal(ckpt_a[state][k], ckpt_b[state][k]) for k in ckpt_a[state]), f"{state} differs"
+    rows_a = list(csv.DictReader((a / "metrics.csv").open()))
+    rows_b = list(csv.DictReader((b / "metrics.csv").open()))
+    for col in columns:
+        assert [r[col] for r in rows_a] == [r[col] for r in rows_b], col
+    return ckpt_a, ckpt_b, rows_a, rows_b

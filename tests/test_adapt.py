@@ -15,7 +15,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.tools.table import read_run, render_table
 from finetune_cli.train.adapt import Adaptation, mk_mmd, ramp, reverse_gradient
 
-from helpers import cli, make_image_folder
+from helpers import assert_same_runs, cli, make_image_folder
 
 # a few images per class, both domains, two epochs: seconds
 SHIFT = ["debug=tiny", "data.synthetic.classes=3", "data.synthetic.target_style=shifted", "strategy=full",
@@ -143,22 +143,16 @@ def test_the_target_labels_are_never_used_in_training(finetune, tmp_path):
               "trainer.epochs=2"]
     _, one = finetune(*common, f"data.target_root={tmp_path / 't1'}", name="one")
     _, two = finetune(*common, f"data.target_root={tmp_path / 't2'}", name="two")
-    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["domain_classifier"][k], b["domain_classifier"][k]) for k in a["domain_classifier"])
+    assert_same_runs(one, two, ("train_loss", "val_acc", "domain_loss", "domain_acc"),
+                     states=("model", "domain_classifier"))
 
 
 def test_an_adapted_run_resumes_exactly(finetune):
     common = [*SHIFT, "adapt=dann", "trainer.epochs=3", "model.weights=synthetic"]
     _, straight = finetune(*common, "trainer.save_every=1", name="straight")
     _, resumed = finetune(*common, f"trainer.resume={straight / 'checkpoints' / 'epoch_001.pt'}", name="resumed")
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["domain_classifier"][k], b["domain_classifier"][k]) for k in a["domain_classifier"])
-    for col in ("train_loss", "val_acc", "target_val_acc", "domain_loss", "domain_acc"):
-        assert [r[col] for r in rows(straight)] == [r[col] for r in rows(resumed)], col
+    assert_same_runs(straight, resumed, ("train_loss", "val_acc", "target_val_acc", "domain_loss", "domain_acc"),
+                     states=("model", "domain_classifier"))
     assert (resumed / "adapt_features.png").is_file()  # the "before" features came from the first run's folder
 
 

@@ -1,7 +1,6 @@
 """strategy=lora: LoRA through peft, gated by the layer groups; the plan, what trains, resume,
 adapter-only checkpoints, and the tools that merge LoRA into the weights."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models import WeightsChoice, create_model
 from finetune_cli.models.lora import Adapted, LoraSettings, adapt, choose_targets, inject, is_lora_param, merge
 
-from helpers import cli
+from helpers import assert_same_runs, cli
 
 TINY = ["debug=tiny", "strategy=lora"]
 
@@ -100,13 +99,8 @@ def test_progressive_lora_resumes_exactly(finetune, caplog, save):
     caplog.clear()
     _, resumed = finetune(*common, f"trainer.resume={middle}", name="resumed")
     assert f"Resumed from {middle} after epoch 2: head + LoRA in layer4 train" in caplog.text
-    a, b = _state(straight), _state(resumed)
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ after resume"
-    rows_a = list(csv.DictReader((straight / "metrics.csv").open()))
-    rows_b = list(csv.DictReader((resumed / "metrics.csv").open()))
-    for col in ("train_loss", "val_loss", "val_acc", "lr_head", "lr_layer4", "trainable_params", "events"):
-        assert [r[col] for r in rows_a] == [r[col] for r in rows_b], col
+    a, b, rows_a, _ = assert_same_runs(straight, resumed, ("train_loss", "val_loss", "val_acc", "lr_head", "lr_layer4",
+                                                             "trainable_params", "events"))
     trainable = [int(r["trainable_params"]) for r in rows_a]
     assert trainable == sorted(trainable) and len(set(trainable)) == 4  # one more group's LoRA each epoch
     assert rows_a[1]["events"] == "unfroze layer4 (1/5 groups below the head train)"

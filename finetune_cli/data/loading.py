@@ -46,14 +46,12 @@ def listed_files(root: Path, target: Optional[Path]) -> List[str]:
     return files + (unlabelled_files(target) + val_files(target) if target is not None else [])
 
 
-def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable[[Dict[str, str]], Path],
-               files: Optional[List[str]] = None, target: Optional[Path] = None) -> frozenset:
-    """Check every image before training (``files``: default, the labelled splits'; ``target``:
-    the target domain's folder, when its images are among them); stop, or leave the bad ones out
-    (data.on_bad_image)."""
+def bad_images(cfg: DataConfig, files: List[str], where: str, cache: Path,
+               write_skipped: Callable[[Dict[str, str]], Path]) -> frozenset:
+    """Check every image in ``files`` (found under ``where``) before training; stop, or leave the
+    bad ones out (data.on_bad_image)."""
     if not cfg.check_images:
         return frozenset()
-    files = listed_files(root, None) if files is None else files
     started = time.perf_counter()
     result = check_images(files, cfg.max_image_pixels, cache)
     if not result.bad:
@@ -62,7 +60,7 @@ def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable
     listing = describe(result.bad)
     if cfg.on_bad_image == BadImage.error:
         raise FinetuneError(
-            f"{len(result.bad)} of {result.checked} images under {root}{f' and {target}' if target else ''} cannot be used:\n{listing}\n"
+            f"{len(result.bad)} of {result.checked} images under {where} cannot be used:\n{listing}\n"
             "Fix or delete them, or set data.on_bad_image=skip to train without them. Nothing was trained."
         )
     path = write_skipped(result.bad)
@@ -73,7 +71,8 @@ def bad_images(cfg: DataConfig, root: Path, cache: Path, write_skipped: Callable
 def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: int, cache: Path,
               write_skipped: Callable[[Dict[str, str]], Path]) -> Splits:
     root, target = data_root(cfg, cache), target_root(cfg, cache)
-    exclude = bad_images(cfg, root, cache, write_skipped, listed_files(root, target), target)
+    where = f"{root} and {target}" if target is not None else str(root)
+    exclude = bad_images(cfg, listed_files(root, target), where, cache, write_skipped)
     sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
     train_tf, val_tf = train_transform(pre, augment), eval_transform(pre)
     splits = image_folder_splits(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -82,9 +82,6 @@ def picture(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], cla
     return buf.getvalue()
 
 
-def write_picture(path: Path, before: Optional[Dict[str, torch.Tensor]], after: Dict[str, torch.Tensor],
-                  classes: Sequence[str], title: str) -> Optional[Path]:
-    if before is None:
-        return None
+def write_picture(path: Path, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor],
+                  classes: Sequence[str], title: str) -> None:
     atomic_write_bytes(path, picture(before, after, classes, title))
-    return path

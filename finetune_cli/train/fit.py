@@ -319,39 +319,48 @@ def target_summary(rows: List[Dict[str, Any]], best_epoch: Optional[int]) -> Dic
     return {"target": found}
 
 
-def domain_view(parts: Parts, recorder: Recorder, *, fresh: bool = True, before: Optional[Dict[str, Any]] = None
-                ) -> Optional[Dict[str, Any]]:
-    """With a labelled target val/ set: the features of both domains (rank 0 alone), kept in the
-    run folder before the first epoch and read back from there by a resumed run (``fresh=False``);
-    with ``before``, the picture of both."""
+def _domains_now(parts: Parts, recorder: Recorder) -> Optional[Dict[str, Any]]:
+    """The head-input features of both domains' val images now, where there is a labelled target
+    val/ set (rank 0 alone: it draws the picture)."""
     target = parts.splits.target
     if target is None or target.val is None or not recorder.writes:
         return None
-    path = recorder.features_before
-    if before is None and not fresh:
-        return safe_torch_load(path) if path.is_file() else None
     env = parts.env
     try:
-        found = domain_features(parts.model, parts.tail, parts.splits.val, target.val, env.device, env.precision,
-                                env.workers)
+        return domain_features(parts.model, parts.tail, parts.splits.val, target.val, env.device, env.precision,
+                               env.workers)
     except TailMismatch as exc:
         log.warning(f"No adapt_features.png: this model's output is not a function of its head's input alone ({exc}).")
         return None
-    if before is None:
-        recorder.write(atomic_torch_save, found, path)
-        return found
-    picture = write_picture(recorder.out_dir / "adapt_features.png", before, found, parts.splits.classes,
-                            f"{parts.identity['model_name']}: head-input features, PCA "
-                            f"(adapt={parts.adaptation.method.value if parts.adaptation else 'none'})")
-    if picture:
-        log.info(f"Source and target features before and after training: {picture}")
-        recorder.summary["adapt_features"] = str(picture)
+
+
+def features_before(parts: Parts, recorder: Recorder, resumed: bool) -> Optional[Dict[str, Any]]:
+    """Computed and kept in the run folder before the first epoch; a resumed run reads them back."""
+    if resumed:
+        path = recorder.features_before
+        return safe_torch_load(path) if parts.splits.target is not None and path.is_file() else None
+    found = _domains_now(parts, recorder)
+    if found is not None:
+        recorder.write(atomic_torch_save, found, recorder.features_before)
     return found
+
+
+def draw_domains(parts: Parts, recorder: Recorder, before: Dict[str, Any]) -> None:
+    """adapt_features.png: the features before training beside those now."""
+    after = _domains_now(parts, recorder)
+    if after is None:
+        return
+    adapt = parts.adaptation.method.value if parts.adaptation else "none"
+    path = recorder.out_dir / "adapt_features.png"
+    write_picture(path, before, after, parts.splits.classes,
+                  f"{parts.identity['model_name']}: head-input features, PCA (adapt={adapt})")
+    log.info(f"Source and target features before and after training: {path}")
+    recorder.summary["adapt_features"] = str(path)
 
 
 def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
     """Train from ``start.epoch``; returns what the summary adds at the end."""
-    before = domain_view(parts, recorder, fresh=not start.checkpoint)
+    before = features_before(parts, recorder, resumed=start.checkpoint is not None)
     inputs = epoch_inputs(parts, recorder)
     recorder.summary.update(feature_cache=inputs.cache, setup_seconds=recorder.seconds())
     totals, stop, finished = Totals(), GracefulStop(on_second=recorder.forced_out), None
@@ -365,5 +374,5 @@ def fit(parts: Parts, start: Start, recorder: Recorder) -> Dict[str, Any]:
     except Interrupted as exc:
         raise recorder.interrupted(exc) from None
     if before is not None:
-        domain_view(parts, recorder, before=before)
+        draw_domains(parts, recorder, before)
     return {"stopped_early": bool(finished)}
