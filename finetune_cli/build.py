@@ -23,10 +23,11 @@ from finetune_cli.config import (
     Monitor,
     RegularizerConfig,
     RegularizerName,
+    SamplerName,
     ScheduleConfig,
     StrategyConfig,
 )
-from finetune_cli.data.folders import Splits, image_folder, make_loader, resolve_workers
+from finetune_cli.data.folders import Splits, class_counts, image_folder, make_loader, resolve_workers
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.transforms import Preprocess, eval_transform
 from finetune_cli.errors import FinetuneError
@@ -41,8 +42,10 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.record import Recorder
 from finetune_cli.runtime import pick_device, pick_precision, speed_switches
 from finetune_cli.train.adapt import Adaptation
+from finetune_cli.train.balance import loss_weights
 from finetune_cli.train.callbacks import MetricTracker
 from finetune_cli.train.checkpoint import TrainState
+from finetune_cli.train.ema import WeightAverage, ema_for
 from finetune_cli.train.engine import Precision
 from finetune_cli.train.features import CacheDecision, decide, parse_switch, train_blockers, updating_batchnorms
 from finetune_cli.train.memory import reset_peak_memory
@@ -81,10 +84,11 @@ class FitSettings:
     save_every: int
     compile: bool
     batch_size: int
+    accumulate: int = 1  # batches per optimizer step
 
     @property
     def maximize(self) -> bool:
-        return self.monitor == Monitor.val_acc
+        return self.monitor.maximize
 
 
 @dataclass
@@ -112,6 +116,8 @@ class Parts:
     schedule_name: str = ""
     adaptation: Optional[Adaptation] = None  # adapt=dann|mmd: the target batches and the domain loss
     target_val_loader: Optional[torch.utils.data.DataLoader] = None  # the target domain's labelled val/
+    ema: Optional[WeightAverage] = None  # trainer.ema: the weights' moving average
+    counts: Dict[str, List[int]] = field(default_factory=dict)  # images per class: {"train": [...], "val": [...]}
 
     @property
     def model(self) -> nn.Module:
@@ -347,7 +353,10 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
     backbone = backbone_params(groups, built.family) if cfg.regularizer.name != RegularizerName.none else []
     bs, pin, w = cfg.data.batch_size, env.device.type == "cuda", env.world
     train_loader = make_loader(splits.train, batch_size=bs, num_workers=env.workers, train=True, seed=t.seed,
-                               pin_memory=pin, rank=w.rank, size=w.size)
+                               pin_memory=pin, rank=w.rank, size=w.size,
+                               balanced=cfg.data.sampler == SamplerName.balanced)
+    counts = {"train": class_counts(splits.train, len(splits.classes)),
+              "val": class_counts(splits.val, len(splits.classes))}
     val_loader = make_loader(splits.val, batch_size=bs, num_workers=env.workers, train=False, seed=t.seed,
                              pin_memory=pin, rank=w.rank, size=w.size)
     target_val = splits.target.val if splits.target is not None else None
@@ -363,23 +372,28 @@ def build(cfg: Config, recorder: Recorder, resolved: Dict[str, Any], *, training
                                      "weight_decay": cfg.optimizer.weight_decay, "group": "domain_classifier"})
     optimizer = build_optimizer(cfg.optimizer, groups_for_optimizer, fused=env.device.type == "cuda")
     schedule_cfg, schedule_note = schedule_config(cfg)
-    schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=len(train_loader), monitor=t.monitor)
+    updates = -(-len(train_loader) // t.accumulate)  # optimizer steps per epoch
+    schedule = Schedule(schedule_cfg, optimizer, epochs=recipe.epochs, steps_per_epoch=updates, monitor=t.monitor)
     schedule.set_multiplier(controller.lr_mult)  # the first stage's
     tracker = MetricTracker(t.monitor, t.patience, t.min_delta)
+    ema = ema_for(built.model, t.ema, t.ema_warmup)
     state = TrainState(built.model, optimizer, schedule, env.precision.scaler(env.device), tracker, controller,
                        train_loader.generator, critic=adapting.critic if adapting is not None else None,
-                       **adapter_only(built, cfg.strategy.lora_save))
+                       ema=ema, serve_ema=t.monitor.of_ema, **adapter_only(built, cfg.strategy.lora_save))
+    weights = loss_weights(counts["train"], t.class_weights)
     penalty = regularizer(cfg.regularizer, built, backbone, splits, pre, env) if training else None
     settings = FitSettings(t.monitor, t.grad_clip, cfg.model.aux_weight,
-                           int(round(cfg.strategy.rewarmup_epochs * len(train_loader))), t.save_every, t.compile, bs)
+                           int(round(cfg.strategy.rewarmup_epochs * updates)), t.save_every, t.compile, bs,
+                           t.accumulate)
     return Parts(
         env=env, splits=splits, built=built, pre=pre, recipe=recipe, controller=controller, lrs=lrs,
         optimizer=optimizer, schedule=schedule, train_loader=train_loader, val_loader=val_loader, state=state,
         tail=tail, caching=cache_plan(cfg, built, tail, recipe),
-        criterion=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+        criterion=nn.CrossEntropyLoss(weight=weights.to(env.device) if weights is not None else None,
+                                      label_smoothing=t.label_smoothing),
         mixer=make_mixer(cfg.augment, len(splits.classes)), penalty=penalty, settings=settings,
         identity={"model_name": cfg.model.name, "classes": splits.classes, "preprocess": pre.to_dict(), "config": resolved,
                   **({"lora": built.lora.to_dict()} if built.lora is not None else {})},
         notes=[schedule_note], schedule_name=schedule_cfg.name.value,
-        adaptation=adapting, target_val_loader=target_val_loader,
+        adaptation=adapting, target_val_loader=target_val_loader, ema=ema, counts=counts,
     )

@@ -89,6 +89,8 @@ RANGES = [
     ("schedule.cut_frac", 0, 1, "()", "the share of steps spent rising"),
     ("schedule.ratio", 1, INF, "[)", "how much smaller the lowest LR is than the peak"),
     ("trainer.grad_clip", 0, INF, "()", "the largest gradient norm; null = no clipping"),
+    ("trainer.accumulate", 1, INF, "[)", "batches per optimizer step (1: every batch steps)"),
+    ("trainer.ema", 0, 1, "()", "the moving average's decay per update (e.g. 0.999); null = off"),
     ("trainer.min_delta", 0, INF, "[)", "the smallest change that counts as an improvement"),
     ("trainer.save_every", 0, INF, "[)", "epochs between kept checkpoints; 0 = last and best only"),
 ]
@@ -250,6 +252,10 @@ def _training_problems(cfg: Config) -> List[str]:
     if not 0 <= reg.strength < math.inf:
         found.append(f"regularizer.strength must be 0 or more (got {reg.strength}).")
     found += _adapt_problems(cfg)
+    if cfg.trainer.monitor.of_ema and cfg.trainer.ema is None:
+        found.append(f"trainer.monitor={cfg.trainer.monitor.value} watches the weights' moving average, but "
+                     "trainer.ema is off: set trainer.ema (e.g. 0.999), or monitor "
+                     f"{cfg.trainer.monitor.value.removeprefix('ema_')}.")
     if reg.fisher_root and not Path(reg.fisher_root).expanduser().is_dir():
         found.append(f"regularizer.fisher_root={reg.fisher_root} does not exist: give a folder of source-task images (DIR/<class>/*).")
     return found

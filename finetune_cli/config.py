@@ -142,6 +142,32 @@ class SyntheticStyle(str, Enum):
 class Monitor(str, Enum):
     val_acc = "val_acc"
     val_loss = "val_loss"
+    val_balanced_acc = "val_balanced_acc"  # the mean of the classes' recalls: each class counts the same
+    val_macro_f1 = "val_macro_f1"  # the mean of the classes' F1 scores
+    # the same, for the weights' moving average (trainer.ema): best.pt then serves the average
+    ema_val_acc = "ema_val_acc"
+    ema_val_loss = "ema_val_loss"
+    ema_val_balanced_acc = "ema_val_balanced_acc"
+    ema_val_macro_f1 = "ema_val_macro_f1"
+
+    @property
+    def maximize(self) -> bool:
+        return not self.value.endswith("loss")
+
+    @property
+    def of_ema(self) -> bool:
+        return self.value.startswith("ema_")
+
+
+class SamplerName(str, Enum):
+    shuffle = "shuffle"  # every training image once per epoch, in a new order
+    balanced = "balanced"  # images drawn with replacement, each class equally likely (rare classes repeat)
+
+
+class ClassWeights(str, Enum):
+    none = "none"
+    auto = "auto"  # each class's loss weighted by n / (classes x its count): inverse frequency, mean 1
+    sqrt = "sqrt"  # by the square root of that: a milder correction
 
 
 @dataclass
@@ -184,6 +210,7 @@ class DataConfig:
     cache_features: str = "auto"
     reduced_decode: bool = True  # decode large JPEGs at a reduced scale still >= the size needed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sampler: SamplerName = SamplerName.shuffle  # balanced: for imbalanced classes
     # an unlabelled target domain: DIR/train/ (or DIR itself) holds its images, in class folders
     # or not (labels are never used in training); DIR/val/<class>/* is evaluated each epoch
     target_root: Optional[str] = None
@@ -309,6 +336,14 @@ class TrainerConfig:
     channels_last: str = "auto"  # NHWC memory layout: auto = on CUDA, or true / false
     compile: bool = False  # torch.compile the model for training and validation
     grad_clip: Optional[float] = None  # max gradient norm
+    # the optimizer steps once every N batches on their summed gradients: the update of an N-times
+    # larger batch (data.batch_size x N per process) in the memory of one
+    accumulate: int = 1
+    # an exponential moving average of the weights, updated after every optimizer step (e.g. 0.999),
+    # evaluated each epoch beside them (ema_val_* in metrics.csv); null = off
+    ema: Optional[float] = None
+    ema_warmup: bool = True  # the decay ramps up as min(ema, (1 + n) / (10 + n)) over the first n updates
+    class_weights: ClassWeights = ClassWeights.none  # weigh the training loss by class frequency
     label_smoothing: float = 0.0
     monitor: Monitor = Monitor.val_acc  # chooses best.pt and drives early stopping
     patience: Optional[int] = None  # early stopping: epochs without improvement; null = off

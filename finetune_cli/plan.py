@@ -7,9 +7,10 @@ from typing import Any, Dict, List, Optional
 
 from finetune_cli import ui
 from finetune_cli.build import Parts
-from finetune_cli.config import AdaptName, BNMode, Config, RegularizerName, StrategyName
+from finetune_cli.config import AdaptName, BNMode, Config, Monitor, RegularizerName, StrategyName
 from finetune_cli.models import count_params
 from finetune_cli.models.lora import is_lora_param, lora_count, shapes
+from finetune_cli.train.balance import balance_note
 from finetune_cli.train.freezing import also_trained, bn_frozen_for, has_batchnorm
 from finetune_cli.train.recipe import Recipe
 
@@ -81,6 +82,12 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     out += lora_notes(parts, cfg.strategy.bn)
     unused = " (data.val_fraction is not used: the val/ folder is the validation set)" if splits.val_source.startswith("val/") else ""
     out.append(f"Validation: {splits.val_source}; {len(splits.train)} train / {len(splits.val)} val images{unused}.")
+    t = cfg.trainer
+    out.append(balance_note(splits.classes, parts.counts["train"], parts.counts["val"], cfg.data.sampler,
+                            t.class_weights, t.monitor.value))
+    if parts.ema is not None:
+        out.append(ema_text(t.ema, t.ema_warmup, t.monitor, recipe.epochs * -(-len(parts.train_loader) // parts.settings.accumulate),
+                            parts.model))
     if splits.target is not None:
         out.append(adapt_text(cfg, parts))
     if cfg.regularizer.name != RegularizerName.none:
@@ -89,6 +96,23 @@ def notes(cfg: Config, parts: Parts) -> List[str]:
     out += parts.notes
     out.append(parts.caching.describe(parts.tail))
     return out
+
+
+def ema_text(decay: float, warmup: bool, monitor: Monitor, updates: int, model: Any) -> str:
+    """What trainer.ema does in this run, and whether its decay suits the run's length."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    span = 1 / (1 - decay)
+    text = (f"EMA of the weights (trainer.ema={decay:g}): updated after each of the run's {updates} optimizer steps, "
+            f"averaging over about the last {span:.0f}"
+            + (", its decay ramped in as min(ema, (1+n)/(10+n))" if warmup else "")
+            + f"; evaluated every epoch as ema_val_*; {size:.0f} MB more memory. "
+            + (f"best.pt is chosen by {monitor.value} and serves the average's weights."
+               if monitor.of_ema else f"best.pt is chosen by {monitor.value} (the weights, not the average); "
+               f"trainer.monitor=ema_{monitor.value} chooses and serves the average."))
+    if span > updates / 2:
+        text += (f" The average spans more steps than half the run: it lags behind training; a decay near "
+                 f"{1 - 10 / max(updates, 20):.3g} suits {updates} steps.")
+    return text
 
 
 def adapt_text(cfg: Config, parts: Parts) -> str:
@@ -141,14 +165,21 @@ def lora_notes(parts: Parts, bn_mode: BNMode) -> List[str]:
     return out
 
 
-def processes_text(world: Any, batch_size: int, scaling: Any = None) -> str:
-    """With several processes: how many, the batch each takes and all take together, and whether
-    the LRs were scaled for that global batch (optimizer.scale_lr)."""
-    if not world.distributed:
+def batch_text(world: Any, batch_size: int, accumulate: int = 1, scaling: Any = None) -> str:
+    """With several processes or accumulated batches: the batch each process takes, the batch of
+    one optimizer step (the effective batch), and whether the LRs were scaled for several
+    processes (optimizer.scale_lr)."""
+    if not world.distributed and accumulate == 1:
         return ""
-    lrs = f"LRs x{world.size} (optimizer.scale_lr=linear)" if getattr(scaling, "value", scaling) == "linear" \
-        else "LRs as given (optimizer.scale_lr=none)"
-    return f", {world.size} processes, batch {batch_size} per process, {batch_size * world.size} in all, {lrs}"
+    effective = batch_size * world.size * accumulate
+    each = f"batch {batch_size} per process" if world.distributed else f"batch {batch_size}"
+    summed = f" x {accumulate} accumulated (trainer.accumulate)" if accumulate > 1 else ""
+    out = f", {world.size} processes" if world.distributed else ""
+    out += f", {each}{summed}, effective batch {effective} per optimizer step"
+    if world.distributed:
+        out += f", LRs x{world.size} (optimizer.scale_lr=linear)" if getattr(scaling, "value", scaling) == "linear" \
+            else ", LRs as given (optimizer.scale_lr=none)"
+    return out
 
 
 def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> Dict[str, Any]:
@@ -159,7 +190,8 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
     ui.show_plan(
         f"Plan: {cfg.model.name} ({parts.built.weights}), strategy={label or recipe.kind.value}, "
         f"{len(splits.classes)} classes, {recipe.epochs} epochs, device={env.device.type}, precision={env.precision.name}"
-        + (", channels_last" if env.channels_last else "") + processes_text(env.world, cfg.data.batch_size, cfg.optimizer.scale_lr),
+        + (", channels_last" if env.channels_last else "") + batch_text(env.world, cfg.data.batch_size, cfg.trainer.accumulate,
+                                                                  cfg.optimizer.scale_lr),
         rows, trainable, total, notes(cfg, parts),
     )
     return {
@@ -178,6 +210,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
             "classes": len(splits.classes),
             "train_images": len(splits.train),
             "val_images": len(splits.val),
+            "class_counts": {split: dict(zip(splits.classes, counts)) for split, counts in parts.counts.items()},
             **({"target_root": str(splits.target.root), "target_train_images": len(splits.target.train),
                 "target_val_images": len(splits.target.val) if splits.target.val is not None else 0}
                if splits.target is not None else {}),
@@ -186,6 +219,7 @@ def show_plan(cfg: Config, parts: Parts, label: Optional[str], out_dir: Any) -> 
         "placement": placement(),
         "processes": env.world.size,
         "global_batch_size": cfg.data.batch_size * env.world.size,
+        "effective_batch_size": cfg.data.batch_size * env.world.size * cfg.trainer.accumulate,
         "precision": env.precision.name,
         "channels_last": env.channels_last,
         "compiled": cfg.trainer.compile,

@@ -39,7 +39,7 @@ def _number(value: Any) -> bool:
 
 def is_accuracy(metric: str) -> bool:
     """``val_acc``, ``train_acc``, ``accuracy``: a fraction, shown in percent. A loss is not."""
-    return str(metric).endswith(("acc", "accuracy"))
+    return str(metric).endswith(("acc", "accuracy", "f1"))
 
 
 def metric_scale(metric: str) -> float:
@@ -114,6 +114,7 @@ def show_epoch(row: Dict[str, Any], epochs: int, best: bool) -> None:
     log.info(
         f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {pct(row['train_acc'], 5)}"
         f"  val loss {row['val_loss']:.4f} acc {pct(row['val_acc'], 5)}"
+        + (f"  EMA acc {pct(row['ema_val_acc'], 5)}" if "ema_val_acc" in row else "")
         + (f"  target acc {pct(row['target_val_acc'], 5)}" if "target_val_acc" in row else "")
         + (f"  domain acc {pct(row['domain_acc'], 5)}" if "domain_acc" in row else "")
         + f"  lr {row['lr']:.2e}  {row['epoch_seconds']:.1f}s{'  *best' if best else ''}"
@@ -131,6 +132,16 @@ def trainable_text(summary: Dict[str, Any]) -> str:
     return text
 
 
+def class_rows(at_best: Dict[str, Any]) -> List[tuple]:
+    """Balanced accuracy and macro-F1 at the best epoch, for the weights and their average."""
+    rows = []
+    for prefix, who in (("val", ""), ("ema_val", " (EMA)")):
+        if f"{prefix}_balanced_acc" in at_best:
+            rows.append((f"balanced acc / macro-F1{who}", f"{pct(at_best[f'{prefix}_balanced_acc'])} / "
+                                                          f"{pct(at_best[f'{prefix}_macro_f1'])} (same epoch)"))
+    return rows
+
+
 def show_result(summary: Dict[str, Any]) -> None:
     log.info("Result")
     table = Table(show_header=False)
@@ -143,6 +154,7 @@ def show_result(summary: Dict[str, Any]) -> None:
         ("data", f"{summary['dataset']['name']}: {summary['dataset']['classes']} classes, "
                  f"{summary['dataset']['train_images']} train / {summary['dataset']['val_images']} val"),
         (f"best {best['monitor']}", f"{metric_text(best['monitor'], best['value'])} (epoch {best['epoch']})"),
+        *class_rows(summary.get("at_best") or {}),
         ("epochs run", str(summary["epochs_run"])),
         ("time", f"{summary['total_seconds']:.1f}s in all: {summary['train_seconds']:.1f}s training "
                  f"({summary['train_images_per_s']:.0f} img/s), {summary['setup_seconds']:.1f}s setup"),

@@ -39,7 +39,7 @@ def test_two_processes_train_like_one_with_twice_the_batch_in_one_folder(tmp_pat
     one, two, proc = _pair(tmp_path, "strategy=full", "strategy.lr_scale=0.1")  # weights to 1e-5 after 2 epochs at 1e-4
     _close(_metrics(one), _metrics(two))
     assert proc.stdout.count("Plan: ") == 1 and proc.stdout.count("epoch   2/2") == 1  # rank 0 alone prints
-    assert "2 processes" in proc.stdout and "batch 8 per process, 16 in all" in proc.stdout
+    assert "2 processes" in proc.stdout and "batch 8 per process, effective batch 16 per optimizer step" in proc.stdout
     assert run_dirs(tmp_path) == [one, two]  # one folder (and one .hydra/) per run
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["processes"] == 2

@@ -85,7 +85,8 @@ def test_run_table_and_report_md_show_percent_and_points_while_report_csv_keeps_
 def test_evaluate_prints_scores_in_percent():
     from finetune_cli.tools.evaluate import show
 
-    result = {"accuracy": 0.84, "images": 100, "top5_accuracy": 0.97, "macro_f1": 0.8312, "classes": ["a", "b"],
+    result = {"accuracy": 0.84, "images": 100, "top5_accuracy": 0.97, "balanced_accuracy": 0.85, "macro_f1": 0.8312,
+              "classes": ["a", "b"],
               "per_class": {"a": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 50},
                             "b": {"precision": 0.8, "recall": 0.9, "f1": 0.847, "support": 50}},
               "confusion_matrix": [[40, 10], [5, 45]]}
@@ -93,5 +94,5 @@ def test_evaluate_prints_scores_in_percent():
     with console.capture() as cap:
         show(result, console)
     out = cap.get()
-    assert "accuracy 84.0% on 100 images, top-5 97.0%, macro F1 83.1%" in out
+    assert "accuracy 84.0% on 100 images, top-5 97.0%, balanced accuracy 85.0%, macro F1 83.1%" in out
     assert "90.0%" in out and "84.7%" in out and "0.847" not in out

@@ -13,11 +13,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune_cli.data.sharding import EpochShuffle, Shard
+from finetune_cli.data.sharding import BalancedDraw, EpochShuffle, Shard
 from finetune_cli.errors import FinetuneError, unreadable_image
 
 log = logging.getLogger(__name__)
@@ -287,6 +287,29 @@ def image_folder_splits(
     )
 
 
+def labels_of(dataset: Dataset) -> List[int]:
+    """Each image's class index, read from the listing (no image is opened)."""
+    if isinstance(dataset, Subset):
+        every = labels_of(dataset.dataset)
+        return [every[i] for i in dataset.indices]
+    return [int(t) for t in dataset.targets]
+
+
+def class_counts(dataset: Dataset, classes: int) -> List[int]:
+    counts = [0] * classes
+    for t in labels_of(dataset):
+        counts[t] += 1
+    return counts
+
+
+def balanced_weights(labels: Sequence[int]) -> List[float]:
+    """One over the count of each image's class: each class is drawn equally often."""
+    counts: Dict[int, int] = {}
+    for t in labels:
+        counts[t] = counts.get(t, 0) + 1
+    return [1.0 / counts[t] for t in labels]
+
+
 def resolve_workers(value: str) -> int:
     if str(value).strip().lower() == "auto":
         try:
@@ -319,12 +342,19 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     size: int = 1,
+    balanced: bool = False,
 ) -> DataLoader:
-    """Training shuffles by epoch (``EpochShuffle``); with ``size`` processes, each reads its
-    share (``rank``) of the training and the validation images."""
+    """Training shuffles by epoch (``EpochShuffle``), or with ``balanced`` draws each class
+    equally often (``BalancedDraw``); with ``size`` processes, each reads its share (``rank``) of
+    the training and the validation images."""
     generator = torch.Generator()  # seeds the loader workers: each process draws its own augmentations
     generator.manual_seed(seed + 1_000_003 * rank)
-    sampler = EpochShuffle(len(dataset), seed, rank, size) if train else Shard(len(dataset), rank, size)
+    if not train:
+        sampler: Sampler = Shard(len(dataset), rank, size)
+    elif balanced:
+        sampler = BalancedDraw(balanced_weights(labels_of(dataset)), seed, rank, size)
+    else:
+        sampler = EpochShuffle(len(dataset), seed, rank, size)
     return DataLoader(
         dataset,
         batch_size=batch_size,

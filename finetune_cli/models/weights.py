@@ -110,6 +110,14 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return read_weights(path)[0]
 
 
+def serving(ckpt: Any) -> Any:
+    """A checkpoint as inference takes it: where its run monitored the weights' moving average
+    (trainer.monitor=ema_*), the average's weights are the model."""
+    if isinstance(ckpt, dict) and ckpt.get("serve") == "ema" and isinstance(ckpt.get("ema"), dict):
+        return {**ckpt, "model": ckpt["ema"]["model"]}
+    return ckpt
+
+
 def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
     """``read_state_dict``, plus the source task's classifier where the file keeps it apart from
     the model's state dict (a ``source_head`` entry, as synthetic weights do), else None."""
@@ -126,7 +134,7 @@ def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str
                 "cut short, or another format under a .safetensors name. Use another copy, or save the weights "
                 "again with safetensors.torch.save_file."
             ) from None
-    obj = safe_torch_load(path)
+    obj = serving(safe_torch_load(path))
     if isinstance(obj, dict) and obj.get("lora"):  # a LoRA run's checkpoint: its LoRA merged into the weights
         from finetune_cli.tools.loading import merged_state
 

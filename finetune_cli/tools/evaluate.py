@@ -1,7 +1,7 @@
 """``finetune-cli-eval CHECKPOINT DIR``: evaluate a checkpoint on a labelled folder (DIR/<class>/*).
 
-Accuracy, top-5 accuracy (when there are more than 5 classes), per-class precision, recall and
-F1, and the confusion matrix (rows: true class, columns: predicted), printed (scores in percent)
+Accuracy, top-5 accuracy (when there are more than 5 classes), balanced accuracy (the mean of the
+classes' recalls), macro-F1, per-class precision, recall and F1, and the confusion matrix (rows: true class, columns: predicted), printed (scores in percent)
 and written to ``metrics.json`` (scores as fractions from 0 to 1) and ``confusion.png``. Class
 names come from the checkpoint; a class folder the model does not know is an error.
 """
@@ -27,7 +27,7 @@ from finetune_cli.paths import cache_dir
 from finetune_cli.runtime import pick_device
 from finetune_cli.tools.loading import Loaded, load_for_inference, tool_main, tool_parser
 from finetune_cli.tools.table import wide_console
-from finetune_cli.train.engine import split_outputs
+from finetune_cli.train.engine import class_metrics, split_outputs
 from finetune_cli.ui import pct
 
 
@@ -78,7 +78,7 @@ def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: i
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
-    present = support > 0
+    scores = class_metrics(confusion)
     result: Dict[str, Any] = {
         "checkpoint": str(loaded.path),
         "folder": str(folder),
@@ -86,7 +86,8 @@ def evaluate_folder(loaded: Loaded, folder: Path, *, batch_size: int, workers: i
         "images_left_out": len(left_out),
         "accuracy": float(tp.sum() / max(total, 1)),
         "top5_accuracy": top5_hits / max(total, 1) if n > 5 else None,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "balanced_accuracy": scores.get("balanced_acc", 0.0),
+        "macro_f1": scores.get("macro_f1", 0.0),
         "classes": loaded.classes,
         "per_class": {
             c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
@@ -176,7 +177,7 @@ def show(result: Dict[str, Any], console: Console) -> None:
     head = f"accuracy {pct(result['accuracy'])} on {result['images']} images"
     if result["top5_accuracy"] is not None:
         head += f", top-5 {pct(result['top5_accuracy'])}"
-    console.print(head + f", macro F1 {pct(result['macro_f1'])}")
+    console.print(head + f", balanced accuracy {pct(result['balanced_accuracy'])}, macro F1 {pct(result['macro_f1'])}")
     table = Table(title="Per class", title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")

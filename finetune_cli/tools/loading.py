@@ -19,6 +19,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.models import HeadSpec, WeightsChoice, create_model, layer_groups, resolve_weights
 from finetune_cli.models.lora import Adapted, digest, inject, left_out_keys, merge
 from finetune_cli.models.pretrain import synthetic_weights_path
+from finetune_cli.models.weights import serving
 from finetune_cli.paths import cache_dir
 from finetune_cli.train.checkpoint import load_model_state, read_checkpoint, resolve_checkpoint
 
@@ -37,7 +38,7 @@ class Loaded:
 
 def load_for_inference(spec: str, device: torch.device = torch.device("cpu")) -> Loaded:
     path = resolve_checkpoint(spec)
-    ckpt = read_checkpoint(path)
+    ckpt = serving(read_checkpoint(path))
     ckpt["path"] = str(path)
     pre_dict = dict(ckpt["preprocess"])
     pre = Preprocess(**{**pre_dict, "mean": tuple(pre_dict["mean"]), "std": tuple(pre_dict["std"])})

@@ -27,7 +27,7 @@ class MetricTracker:
 
     @property
     def maximize(self) -> bool:
-        return self.monitor == Monitor.val_acc
+        return self.monitor.maximize
 
     def update(self, value: float, epoch: int) -> bool:
         """Record an epoch's value; True when it is a new best."""

@@ -62,6 +62,8 @@ class TrainState:
     controller: Controller
     loader_generator: torch.Generator
     critic: Optional[nn.Module] = None  # adapt=dann: the domain classifier
+    ema: Optional[Any] = None  # trainer.ema: ema.WeightAverage
+    serve_ema: bool = False  # the monitor watches the average: inference takes its weights (models.weights.serving)
     # LoRA with strategy.lora_save=adapter: the weights the run never trains, left out of every
     # checkpoint (read again from model.weights), and their digest
     left_out: Tuple[str, ...] = ()
@@ -87,6 +89,8 @@ class TrainState:
             "tracker": self.tracker.state_dict(),
             "strategy": self.controller.state_dict(),
             **({"domain_classifier": self.critic.state_dict()} if self.critic is not None else {}),
+            **({"ema": self.ema.state_dict(self.left_out)} if self.ema is not None else {}),
+            **({"serve": "ema"} if self.serve_ema else {}),
             **self._random_streams(),
             **extra,
         }
@@ -105,6 +109,8 @@ class TrainState:
         load_model_state(self.model, ckpt, self.base_digest)
         if self.critic is not None:
             self.critic.load_state_dict(ckpt["domain_classifier"])
+        if self.ema is not None:
+            self.restore_ema(ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -117,10 +123,22 @@ class TrainState:
             set_rng_state(ranks[here.rank], self.loader_generator)
         return int(ckpt["epoch"]) + 1
 
+    def restore_ema(self, ckpt: Dict[str, Any]) -> None:
+        """The saved average; a checkpoint of a run without trainer.ema starts it from the weights."""
+        if "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+            return
+        log.warning(f"{ckpt.get('path', 'The checkpoint')} holds no moving average of the weights (its run had "
+                    "trainer.ema off): the average starts from the weights it holds.")
+        self.ema.averaged.n_averaged.zero_()
+        self.ema.update(self.model)
+
     def restore_weights(self, ckpt: Dict[str, Any]) -> None:
         """Weights and optimizer moments from an earlier epoch (a stage's best), keeping the
         LRs, the schedule and everything else where the run is now."""
         load_model_state(self.model, ckpt, self.base_digest)
+        if self.ema is not None:
+            self.restore_ema(ckpt)
         current = self.optimizer.state_dict()
         current["state"] = ckpt["optimizer"]["state"]
         self.optimizer.load_state_dict(current)
@@ -220,11 +238,12 @@ def changed_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> Li
 
     changes = {k: f"{k}: {before[k]} -> {after[k]}" for k in sorted(set(before) & set(after))
                if not free(k) and before[k] != after[k]}
-    if {"trainer.devices", "data.batch_size"} & set(changes):
+    batch_keys = ("trainer.devices", "data.batch_size", "trainer.accumulate")
+    if set(batch_keys) & set(changes):
         was, now_ = _global_batch(before), _global_batch(after)
-        if was is not None and was == now_:  # the same global batch over another number of processes
-            changes.pop("trainer.devices", None)
-            changes.pop("data.batch_size", None)
+        if was is not None and was == now_:  # the same batch per update, over other processes or accumulated
+            for key in batch_keys:
+                changes.pop(key, None)
         elif was is not None and "trainer.devices" in changes and now_ is not None:
             per = was / max(1, int(str(after["trainer.devices"])))
             hint = f"data.batch_size={int(per)}" if per == int(per) else "a number of processes that divides it"
@@ -234,9 +253,11 @@ def changed_settings(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> Li
 
 
 def _global_batch(flat: Dict[str, Any]) -> Optional[int]:
-    """data.batch_size x trainer.devices, where both are numbers."""
+    """The images of one optimizer step: data.batch_size x trainer.devices x trainer.accumulate,
+    where the first two are numbers."""
     devices, batch = str(flat.get("trainer.devices", "1")).strip(), flat.get("data.batch_size")
-    return int(batch) * int(devices) if devices.isdigit() and isinstance(batch, int) else None
+    accumulate = int(flat.get("trainer.accumulate", 1))
+    return int(batch) * int(devices) * accumulate if devices.isdigit() and isinstance(batch, int) else None
 
 
 def settings_check(spec: Optional[str], run_dir: Path, resolved: Dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,10 +23,30 @@ class EpochResult:
     images: int
     seconds: float
     interrupted: bool = False  # a stop was requested: the epoch was abandoned
+    confusion: Optional[torch.Tensor] = None  # evaluation: [true class, predicted class] counts
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def class_metrics(self) -> Dict[str, float]:
+        """Balanced accuracy and macro-F1, from the confusion counts (empty without them)."""
+        return class_metrics(self.confusion) if self.confusion is not None else {}
+
+
+def class_metrics(confusion: torch.Tensor) -> Dict[str, float]:
+    """``balanced_acc``: the mean of the recalls of the classes present; ``macro_f1``: the mean F1
+    over the classes present or predicted (an F1 of 0 where nothing of it was right), as
+    scikit-learn's balanced_accuracy_score and f1_score(average="macro") compute them."""
+    c = confusion.double()
+    hits, support, predicted = c.diagonal(), c.sum(1), c.sum(0)
+    present = support > 0
+    if not bool(present.any()):
+        return {}
+    recall = hits[present] / support[present]
+    counted = present | (predicted > 0)
+    f1 = 2 * hits[counted] / (support[counted] + predicted[counted])
+    return {"balanced_acc": float(recall.mean()), "macro_f1": float(f1.mean())}
 
 
 @dataclass(frozen=True)
@@ -88,8 +108,14 @@ def train_one_epoch(
     check_every: int = 1,
     across_processes: bool = False,
     adapt: Optional[Any] = None,
+    accumulate: int = 1,
+    after_update: Callable[[], None] = lambda: None,
 ) -> EpochResult:
-    """One pass over ``loader``. ``adapt`` (an ``adapt.Adaptation``; ``model`` is then its
+    """One pass over ``loader``. ``accumulate``: the optimizer steps once every N batches, on the
+    gradients of all N (each loss divided by the batches of its update): the update of one batch N
+    times larger, except for BatchNorm statistics, which each batch computes on its own. The
+    schedule steps with the optimizer; ``after_update`` runs after each step (the weights' EMA).
+    Under DDP, the batches that do not step skip the gradient all-reduce. ``adapt`` (an ``adapt.Adaptation``; ``model`` is then its
     ``Adapted`` module): each source batch goes through with a target batch, and the domain loss
     joins the classification loss. The loss is checked for NaN/inf every ``check_every`` steps
     (each check waits for the device; on CUDA the tool checks every 50 steps).
@@ -103,6 +129,8 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     seen = 0
+    batches = len(loader)
+    optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
         images = to_device(images, device, channels_last)
@@ -129,8 +157,14 @@ def train_one_epoch(
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0:
             _check_finite(finite, loss, step, check_every, desc, across_processes)
-        _update(loss, optimizer, params, scaler, grad_clip)
-        step_schedule()
+        window = update_window(step, batches, accumulate)
+        steps_now = (step + 1) % accumulate == 0 or step + 1 == batches
+        with contextlib.nullcontext() if steps_now or not hasattr(model, "no_sync") else model.no_sync():
+            _backward(loss / window if window > 1 else loss, scaler)
+        if steps_now:
+            _step(optimizer, params, scaler, grad_clip)
+            step_schedule()
+            after_update()
         total_loss += task_loss.detach() * n
         correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
         seen += n
@@ -156,22 +190,33 @@ def _summed(total_loss: torch.Tensor, correct: torch.Tensor, seen: int, across_p
     return tuple((world.total(sums) if across_processes else sums).tolist())  # type: ignore[return-value]
 
 
-def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-            scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]) -> None:
-    """Backward, optional clipping (of unscaled gradients), and the optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
+def update_window(step: int, batches: int, accumulate: int) -> int:
+    """How many batches share the update that batch ``step`` (from 0) of ``batches`` belongs to:
+    ``accumulate``, or fewer for the remainder at the end of the epoch."""
+    if accumulate <= 1:
+        return 1
+    whole = batches - batches % accumulate
+    return accumulate if step < whole else batches - whole
+
+
+def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+          scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]) -> None:
+    """Optional clipping (of unscaled gradients), the optimizer step, and fresh gradients."""
     if scaler is not None:
-        scaler.scale(loss).backward()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        return
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    else:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str,
@@ -201,11 +246,14 @@ def evaluate(
     desc: str = "val",
     channels_last: bool = False,
     across_processes: bool = False,
+    classes: Optional[int] = None,
 ) -> EpochResult:
-    """``across_processes``: each process has its share of the set; the sums are every process's."""
+    """``across_processes``: each process has its share of the set; the sums are every process's.
+    ``classes``: also count the confusion matrix (for balanced accuracy and macro-F1)."""
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    confusion = torch.zeros(classes * classes if classes else 1, dtype=torch.long, device=device)
     seen = 0
     start = time.perf_counter()
     for images, targets in _bar(loader, progress, desc):
@@ -215,15 +263,21 @@ def evaluate(
             logits, _ = split_outputs(model(images))
             loss = criterion(logits.float(), targets)
         total_loss += loss * targets.size(0)
-        correct += (logits.argmax(1) == targets).sum()
+        predicted = logits.argmax(1)
+        correct += (predicted == targets).sum()
+        if classes:
+            confusion += torch.bincount(targets * classes + predicted, minlength=classes * classes)
         seen += targets.size(0)
         if should_stop():
             break
     loss_sum, hits, count = _summed(total_loss, correct, seen, across_processes)
+    if classes and across_processes:
+        confusion = world.total(confusion)
     return EpochResult(
         loss=loss_sum / max(count, 1),
         acc=hits / max(count, 1),
         images=int(count),
         seconds=time.perf_counter() - start,
         interrupted=should_stop(),
+        confusion=confusion.view(classes, classes).cpu() if classes else None,
     )

@@ -22,6 +22,7 @@ from finetune_cli.data.folders import make_loader
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_torch_save, safe_torch_load
 from finetune_cli.models import count_params
+from finetune_cli.models.tail import find_tail
 from finetune_cli.record import Recorder
 from finetune_cli.train.adapt import DomainMetrics
 from finetune_cli.train.checkpoint import Start, read_checkpoint
@@ -47,6 +48,7 @@ class Inputs:
     val_batches: Any
     cache: Dict[str, Any]
     wrapped_for: Optional[Tuple[bool, ...]] = None  # the trainable mask the DDP wrapper was made for
+    ema_val_model: Optional[nn.Module] = None  # trainer.ema: the average, over images or cached features
 
 
 @dataclass
@@ -96,7 +98,8 @@ def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
     model: nn.Module = torch.compile(parts.model) if parts.settings.compile else parts.model
     # with adaptation, training runs the model and the domain classifier as one module
     trains = parts.adaptation.module if parts.adaptation is not None else model
-    inputs = Inputs(trains, parts.train_loader, model, parts.val_loader, summary_of(parts.caching, parts.tail, {}))
+    inputs = Inputs(trains, parts.train_loader, model, parts.val_loader, summary_of(parts.caching, parts.tail, {}),
+                    ema_val_model=parts.ema.module if parts.ema is not None else None)
     if not parts.caching.val:
         return inputs
     try:
@@ -117,6 +120,8 @@ def epoch_inputs(parts: Parts, recorder: Recorder) -> Inputs:
                                              drop_last=loader.drop_last)
     if "val" in found:
         inputs.val_model = parts.tail.module
+        if parts.ema is not None:  # the average's own tail, over the same features
+            inputs.ema_val_model = find_tail(parts.ema.module, parts.built.family, parts.built.groups).module
         inputs.val_batches = FeatureLoader(found["val"], device, batch_size=bs, sampler=parts.val_loader.sampler)
     inputs.cache = summary_of(parts.caching, parts.tail, found)
     parts.model.train()
@@ -150,15 +155,33 @@ def apply_phase(parts: Parts, events: Sequence[Event]) -> None:
         parts.schedule.rewarmup(parts.settings.rewarmup_steps)
 
 
-@dataclass
-class DomainResult:
-    """adapt= and the target domain: what one epoch measured there."""
+def scores(prefix: str, result: EpochResult) -> Dict[str, float]:
+    """``{prefix}_acc``, ``_loss``, ``_balanced_acc``, ``_macro_f1``: what trainer.monitor may watch."""
+    return {f"{prefix}_loss": result.loss, f"{prefix}_acc": result.acc,
+            **{f"{prefix}_{k}": v for k, v in result.class_metrics().items()}}
 
+
+@dataclass
+class Measured:
+    """What one epoch measured: training, validation, and where they exist the weights' average
+    (trainer.ema), the target domain and the domain loss (adapt=)."""
+
+    train: EpochResult
+    val: EpochResult
+    ema: Optional[EpochResult] = None  # the moving average on the val set
     target: Optional[EpochResult] = None  # the target's labelled val/, evaluated only
     domain: Optional[DomainMetrics] = None  # the domain loss (adapt=dann|mmd)
 
+    @property
+    def interrupted(self) -> bool:
+        return any(r is not None and r.interrupted for r in (self.train, self.val, self.ema, self.target))
+
+    def scores(self) -> Dict[str, float]:
+        return {**scores("val", self.val), **(scores("ema_val", self.ema) if self.ema is not None else {})}
+
     def columns(self) -> Dict[str, Any]:
-        row: Dict[str, Any] = {}
+        """metrics.csv's columns after the LRs: the average's, the target's and the domain's."""
+        row: Dict[str, Any] = scores("ema_val", self.ema) if self.ema is not None else {}
         if self.target is not None:
             row.update(target_val_loss=self.target.loss, target_val_acc=self.target.acc)
         if self.domain is not None:
@@ -168,10 +191,9 @@ class DomainResult:
         return row
 
 
-def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, totals: Totals
-                       ) -> Tuple[EpochResult, EpochResult, DomainResult]:
+def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, totals: Totals) -> Measured:
     env, s = parts.env, parts.settings
-    adapt = parts.adaptation
+    adapt, ema, classes = parts.adaptation, parts.ema, len(parts.splits.classes)
     if adapt is not None:
         adapt.begin_epoch(epoch, len(parts.train_loader))
     try:
@@ -182,16 +204,20 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
             should_stop=lambda: world.anyone(stop.requested()), progress=env.progress,
             desc=f"epoch {epoch}/{parts.controller.epochs}",
             channels_last=env.channels_last, check_every=50 if env.device.type == "cuda" else 1,
-            across_processes=env.world.distributed, adapt=adapt,
+            across_processes=env.world.distributed, adapt=adapt, accumulate=s.accumulate,
+            after_update=partial(ema.update, parts.model) if ema is not None else lambda: None,
         )
         now = state_bytes(parts.model, parts.optimizer)
         totals.held = {k: max(v, totals.held.get(k, 0)) for k, v in now.items()}
         world.same_as_main(parts.model, buffers_only=True)  # the BatchNorm statistics rank 0 saves
-        va = evaluate(inputs.val_model, inputs.val_batches, VALIDATION_LOSS, env.device, precision=env.precision,
-                      should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last,
-                      across_processes=env.world.distributed)
-        found = DomainResult(domain=adapt.epoch_metrics(env.world.distributed) if adapt is not None else None)
-        if parts.target_val_loader is not None and not va.interrupted:
+        check = partial(evaluate, criterion=VALIDATION_LOSS, device=env.device, precision=env.precision,
+                        should_stop=stop.requested, progress=env.progress, channels_last=env.channels_last,
+                        across_processes=env.world.distributed, classes=classes)
+        found = Measured(tr, check(inputs.val_model, inputs.val_batches),
+                         domain=adapt.epoch_metrics(env.world.distributed) if adapt is not None else None)
+        if ema is not None and not found.interrupted:
+            found.ema = check(inputs.ema_val_model, inputs.val_batches, desc="val (EMA)")
+        if parts.target_val_loader is not None and not found.interrupted:
             found.target = evaluate(parts.model, parts.target_val_loader, VALIDATION_LOSS, env.device,
                                     precision=env.precision, should_stop=stop.requested, progress=env.progress,
                                     desc="target val", channels_last=env.channels_last,
@@ -200,11 +226,11 @@ def train_and_validate(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulS
         if stop.requested():  # loader workers got the signal too
             raise Interrupted(stop.signum, epoch) from None
         raise
-    if world.anyone(tr.interrupted or va.interrupted or bool(found.target and found.target.interrupted)):
+    if world.anyone(found.interrupted):
         raise Interrupted(stop.signum or signal.SIGTERM, epoch)  # every process stops at the same point
     totals.images += tr.images
     totals.seconds += tr.seconds
-    return tr, va, found
+    return found
 
 
 def restore_stage_best(parts: Parts, recorder: Recorder, event: RestoreStageBest, epoch: int) -> None:
@@ -245,8 +271,9 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
     for e in words(events):
         log.info(f"epoch {epoch}: {e}")
 
-    tr, va, domains = train_and_validate(parts, inputs, epoch, stop, totals)
-    monitored = va.acc if parts.settings.maximize else va.loss
+    measured = train_and_validate(parts, inputs, epoch, stop, totals)
+    tr, va = measured.train, measured.val
+    monitored = measured.scores()[parts.settings.monitor.value]
     if not math.isfinite(monitored):
         raise FinetuneError(
             f"The validation {parts.settings.monitor.value} became {monitored} at epoch {epoch}. Lower "
@@ -264,10 +291,10 @@ def one_epoch(parts: Parts, inputs: Inputs, epoch: int, stop: GracefulStop, reco
 
     said = words(events) + words(after)
     row: Dict[str, Any] = {
-        "epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": va.loss, "val_acc": va.acc,
+        "epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, **scores("val", va),
         "lr": lrs_now[names[-1]], **{f"lr_{name}": lrs_now[name] for name in names},
         "epoch_seconds": tr.seconds + va.seconds, "train_seconds": tr.seconds, "train_images_per_s": tr.images_per_s,
-        "trainable_params": trainable_now, "trainable_groups": k_now, **domains.columns(), "events": "; ".join(said),
+        "trainable_params": trainable_now, "trainable_groups": k_now, **measured.columns(), "events": "; ".join(said),
     }
     events_so_far = recorder.summary.get("events", []) + [{"epoch": epoch, "event": e} for e in said]
     save_every = parts.settings.save_every
@@ -302,8 +329,16 @@ def progress_summary(parts: Parts, epoch: int, trainable: int, totals: Totals, e
         "memory_mb": {k: v / 2**20 for k, v in held.items()},
         "grad_optimizer_mb": (held["grads"] + held["optimizer_state"]) / 2**20,
         "events": events,
+        **best_epoch_scores(rows, tracker.best_epoch),
         **target_summary(rows, tracker.best_epoch),
     }
+
+
+def best_epoch_scores(rows: List[Dict[str, Any]], best_epoch: Optional[int]) -> Dict[str, Any]:
+    """Every validation figure of the best epoch: accuracy, loss, balanced accuracy, macro-F1, and
+    those of the weights' average (trainer.ema)."""
+    at = next((r for r in rows if r["epoch"] == best_epoch), None)
+    return {"at_best": {k: v for k, v in at.items() if k.startswith(("val_", "ema_val_"))}} if at else {}
 
 
 def target_summary(rows: List[Dict[str, Any]], best_epoch: Optional[int]) -> Dict[str, Any]:

@@ -144,7 +144,7 @@ def main_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *, tot
     if cfg.name == ScheduleName.plateau:
         return sched.ReduceLROnPlateau(
             optimizer,
-            mode="max" if monitor == Monitor.val_acc else "min",
+            mode="max" if monitor.maximize else "min",
             factor=cfg.gamma,
             patience=cfg.plateau_patience,
             eps=0.0,
