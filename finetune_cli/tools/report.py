@@ -36,7 +36,7 @@ from finetune_cli.tools.table import (
 from finetune_cli.ui import metric_text, pct, pp
 
 COLUMNS = [
-    "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
+    "run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch", "balanced_acc", "macro_f1",
     "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
     "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
     "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain",
@@ -84,7 +84,7 @@ def _cell(row: Dict[str, Any], key: str) -> str:
     value by its monitor; report.csv keeps the fractions."""
     if key == "best":
         return metric_text(row.get("monitor") or "val_acc", row.get(key))
-    if key == "final_train_acc":
+    if key in ("final_train_acc", "balanced_acc", "macro_f1"):
         return pct(row.get(key))
     if key == "train_val_gap":
         return pp(row.get(key))
@@ -102,7 +102,7 @@ def write_tables(runs: List[Run], out: Path) -> None:
     for r in runs:
         writer.writerow({k: ("" if r.row.get(k) is None else r.row.get(k)) for k in COLUMNS})
     atomic_write_bytes(out / "report.csv", text_bytes(buf.getvalue()))
-    shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch",
+    shown = ["run", "status", "model", "strategy", "overrides", "best", "best_epoch", "balanced_acc", "macro_f1",
              *(["vs_scratch"] if any(is_scratch(r) for r in runs) else []), "final_train_acc",
              "train_val_gap", "epochs_run", "total_seconds", "seconds_per_epoch", "images_per_s", "trainable_pct",
              "peak_memory_mb", "grad_optimizer_mb", "feature_cache"]

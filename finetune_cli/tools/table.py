@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -119,6 +120,9 @@ def read_run(path: Path, root: Path) -> Run:
         "monitor": best.get("monitor", ""),
         "best": best.get("value"),
         "best_epoch": best.get("epoch"),
+        # at the best epoch: the mean of the classes' recalls, and of their F1 scores
+        "balanced_acc": at_best.get("val_balanced_acc") if isinstance(at_best := summary.get("at_best"), dict) else None,
+        "macro_f1": at_best.get("val_macro_f1") if isinstance(at_best, dict) else None,
         "final_train_acc": train_acc,
         "final_val_acc": val_acc,
         "train_val_gap": (train_acc - val_acc) if isinstance(train_acc, float) and isinstance(val_acc, float) else None,
@@ -142,12 +146,25 @@ def read_run(path: Path, root: Path) -> Run:
         "data_root": str(dataset.get("root") or "") if isinstance(dataset := summary.get("dataset"), dict) else "",
         "initial_trainable_pct": None,
         "peak_memory_kind": summary.get("peak_memory_kind") or "",
+        "imbalance": _imbalance(dataset),
     }
     if row["trainable_params"] is not None and row["total_params"]:
         row["trainable_pct"] = 100.0 * row["trainable_params"] / row["total_params"]
         if summary.get("trainable_params") is not None:
             row["initial_trainable_pct"] = 100.0 * summary["trainable_params"] / row["total_params"]
     return Run(path, row, metrics, read_overrides(path))
+
+
+def _imbalance(dataset: Any) -> Optional[float]:
+    """The largest training class's count over the smallest's, from summary.json."""
+    counts = ((dataset or {}).get("class_counts") or {}).get("train") if isinstance(dataset, dict) else None
+    if not isinstance(counts, dict) or not counts or not all(isinstance(v, int) for v in counts.values()):
+        return None
+    low = min(counts.values())
+    return max(counts.values()) / low if low else math.inf
+
+
+IMBALANCED = 1.5  # from this ratio on, the printed table shows balanced accuracy and macro-F1
 
 
 def _cache_label(cache: Optional[Dict[str, Any]]) -> str:
@@ -285,7 +302,9 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
                   caption_justify="left")
     scratch = any(is_scratch(r) for r in runs)
     target = any(r.row.get("target_val_acc") is not None for r in runs)
+    classes = any((r.row.get("imbalance") or 0) >= IMBALANCED for r in runs)
     for col in ("#" if job_numbers is None else "job", "model", "strategy", "overrides", "status", "best",
+                *(("bal acc / F1",) if classes else ()),
                 *(("vs scratch",) if scratch else ()), *(("target acc",) if target else ()), "train acc",
                 "gap", "epochs", "time s", "s/epoch", "img/s", "trainable", "peak MB", "grad+opt MB"):
         table.add_column(col, no_wrap=col not in ("overrides", "status"))
@@ -300,7 +319,9 @@ def render_table(runs: List[Run], job_numbers: Optional[Sequence[str]] = None) -
         gain = f"[bold red]{transfer_text(r)} worse[/]" if worse_than_scratch(r) else transfer_text(r)
         table.add_row(
             str(i + 1) if job_numbers is None else job_numbers[i], row["model"] or "-", row["strategy"] or "-",
-            row["overrides"] or "-", status, best, *((gain,) if scratch else ()),
+            row["overrides"] or "-", status, best,
+            *((f"{pct(row.get('balanced_acc'))} / {pct(row.get('macro_f1'))}",) if classes else ()),
+            *((gain,) if scratch else ()),
             *((pct(row.get("target_val_acc")),) if target else ()), pct(row["final_train_acc"]),
             pp(row["train_val_gap"]), _num(row["epochs_run"], 0), _num(row["total_seconds"], 1),
             _num(row["seconds_per_epoch"], 2), _num(row["images_per_s"], 0), _trainable(row),
