@@ -173,6 +173,16 @@ def _data_problems(cfg: Config) -> List[str]:
                          "(and optionally val/<class>/*).")
         elif not Path(data.root).expanduser().is_dir():
             found.append(f"data.root={data.root} does not exist (relative paths start at {Path.cwd()}).")
+    elif data.source == DataSource.csv:
+        if not data.csv:
+            found.append("data=csv needs data.csv=FILE: a CSV file of path,label[,split] rows (paths relative to the "
+                         "file's folder, or to data.root).")
+        elif not Path(data.csv).expanduser().is_file():
+            found.append(f"data.csv={data.csv} is not a file (relative paths start at {Path.cwd()}): give the CSV "
+                         "file of path,label[,split] rows.")
+        if data.root and not Path(data.root).expanduser().is_dir():
+            found.append(f"data.root={data.root} is not a folder: with data=csv it is where the CSV's relative paths "
+                         "start (leave it unset to start at the CSV file's folder).")
     else:
         from finetune_cli.data.synthetic import class_pool
 

@@ -62,6 +62,7 @@ class HeadType(str, Enum):
 class DataSource(str, Enum):
     imagefolder = "imagefolder"
     synthetic = "synthetic"
+    csv = "csv"  # a CSV file of path,label[,split] rows
 
 
 class AugmentName(str, Enum):
@@ -197,7 +198,10 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.imagefolder
+    # imagefolder: the folder holding train/<class>/*; csv: where the CSV's relative paths start
+    # (default: the CSV file's folder)
     root: Optional[str] = None
+    csv: Optional[str] = None  # data=csv: the file of path,label[,split] rows
     image_size: Optional[int] = None  # default: the weights' own crop size
     batch_size: int = 32
     num_workers: str = "auto"  # "auto" or a number

@@ -203,16 +203,18 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     return sorted(train), sorted(val)
 
 
-def _warn_unvalidated(classes: List[str], targets: Sequence[int], val_idx: Sequence[int]) -> None:
-    """A class with a single image keeps it for training: say that it goes unvalidated."""
+def warn_unvalidated(classes: List[str], targets: Sequence[int], val_idx: Sequence[int],
+                     why: str = "have a single image, kept for training,",
+                     remedy: str = "Add images to these classes, or a val/ folder.") -> None:
+    """Say which classes the validation set lacks (by default: a class with a single image keeps it
+    for training)."""
     in_val = {targets[i] for i in val_idx}
     alone = [c for i, c in enumerate(classes) if i not in in_val]
     if alone:
         shown = ", ".join(alone[:10]) + (f" and {len(alone) - 10} more" if len(alone) > 10 else "")
         log.warning(
-            f"{len(alone)} of {len(classes)} classes have a single image, kept for training, so the validation "
-            f"set has none of them and validation accuracy does not measure them: {shown}. Add images to "
-            "these classes, or a val/ folder."
+            f"{len(alone)} of {len(classes)} classes {why} so the validation set has none of them and validation "
+            f"accuracy does not measure them: {shown}. {remedy}"
         )
 
 
@@ -271,7 +273,7 @@ def image_folder_splits(
     if not 0 < val_fraction < 1:
         raise FinetuneError(f"data.val_fraction must be between 0 and 1 (got {val_fraction}).")
     train_idx, val_idx = stratified_split(train_full.targets, val_fraction, seed)
-    _warn_unvalidated(classes, train_full.targets, val_idx)
+    warn_unvalidated(classes, train_full.targets, val_idx)
     if not val_idx:
         raise FinetuneError(
             f"{train_dir} has too few images to split off a validation set; add a val/ folder or "

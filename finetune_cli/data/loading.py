@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 from finetune_cli.config import AugmentConfig, BadImage, DataConfig, DataSource
 from finetune_cli.data.checks import check_images, describe
+from finetune_cli.data.csv_labels import Listing, csv_splits, read_listing
 from finetune_cli.data.domains import target_domain, unlabelled_files, val_files
 from finetune_cli.data.folders import Splits, class_files, image_folder_splits, split_dirs
 from finetune_cli.data.synthetic import SyntheticSpec, generate
@@ -29,6 +30,13 @@ def data_root(cfg: DataConfig, cache: Path) -> Path:
     return root
 
 
+def listed_in_csv(cfg: DataConfig) -> Optional[Listing]:
+    """data=csv: the CSV's rows, checked (None for the other sources)."""
+    if cfg.source != DataSource.csv:
+        return None
+    return read_listing(Path(cfg.csv).expanduser(), Path(cfg.root).expanduser() if cfg.root else None)
+
+
 def target_root(cfg: DataConfig, cache: Path) -> Optional[Path]:
     """The target domain's folder (data.target_root, or the synthetic task in
     data.synthetic.target_style), or None."""
@@ -40,10 +48,14 @@ def target_root(cfg: DataConfig, cache: Path) -> Optional[Path]:
     return Path(cfg.target_root).expanduser() if cfg.target_root else None
 
 
-def listed_files(root: Path, target: Optional[Path]) -> List[str]:
-    """Every image a run reads: the labelled splits', and the target domain's."""
-    files = [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
-    return files + (unlabelled_files(target) + val_files(target) if target is not None else [])
+def listed_files(root: Path) -> List[str]:
+    """Every image of the labelled splits' folders."""
+    return [f for d in split_dirs(root) for fs in class_files(d).values() for f in fs]
+
+
+def target_files(target: Optional[Path]) -> List[str]:
+    """Every image of the target domain (none without one)."""
+    return unlabelled_files(target) + val_files(target) if target is not None else []
 
 
 def bad_images(cfg: DataConfig, files: List[str], where: str, cache: Path,
@@ -70,15 +82,17 @@ def bad_images(cfg: DataConfig, files: List[str], where: str, cache: Path,
 
 def load_data(cfg: DataConfig, augment: AugmentConfig, pre: Preprocess, seed: int, cache: Path,
               write_skipped: Callable[[Dict[str, str]], Path]) -> Splits:
-    root, target = data_root(cfg, cache), target_root(cfg, cache)
+    listing = listed_in_csv(cfg)
+    root = listing.file if listing is not None else data_root(cfg, cache)
+    labelled = listing.files() if listing is not None else listed_files(root)
+    target = target_root(cfg, cache)
     where = f"{root} and {target}" if target is not None else str(root)
-    exclude = bad_images(cfg, listed_files(root, target), where, cache, write_skipped)
+    exclude = bad_images(cfg, labelled + target_files(target), where, cache, write_skipped)
     sides = (decode_side(pre, augment), decode_side(pre)) if cfg.reduced_decode else (None, None)
     train_tf, val_tf = train_transform(pre, augment), eval_transform(pre)
-    splits = image_folder_splits(
-        root, train_tf, val_tf, val_fraction=cfg.val_fraction, seed=seed,
-        exclude=exclude, decode_sides=sides, max_pixels=cfg.max_image_pixels,
-    )
+    split = csv_splits if listing is not None else image_folder_splits
+    splits = split(listing if listing is not None else root, train_tf, val_tf, val_fraction=cfg.val_fraction,
+                   seed=seed, exclude=exclude, decode_sides=sides, max_pixels=cfg.max_image_pixels)
     if target is not None:
         splits.target = target_domain(target, splits.classes, train_tf, val_tf, exclude=exclude,
                                       max_pixels=cfg.max_image_pixels)

@@ -208,7 +208,7 @@ def finished_before_build(ckpt: Optional[Dict[str, Any]], resolved: Dict[str, An
 # Any other difference from the checkpoint's run would train something else than that run.
 FREE_TO_CHANGE = (
     "trainer.resume", "trainer.device", "trainer.save_every", "trainer.amp", "trainer.channels_last",
-    "trainer.compile", "trainer.deterministic", "data.root", "data.num_workers", "data.check_images",
+    "trainer.compile", "trainer.deterministic", "data.root", "data.csv", "data.num_workers", "data.check_images",
     "data.on_bad_image", "data.max_image_pixels", "data.cache_features", "data.reduced_decode", "logger",
     "plan", "preview", "preview_images", "cache_dir",
 )
