@@ -44,6 +44,17 @@ def test_accumulating_two_batches_of_8_updates_as_one_batch_of_16(finetune):
     assert not torch.allclose(a["model"]["fc.weight"], c["model"]["fc.weight"], atol=1e-4)
 
 
+def test_a_resume_may_trade_processes_for_accumulation_when_the_effective_batch_stays():
+    from finetune_cli.train.checkpoint import changed_settings
+
+    def run(devices, batch, accumulate):
+        return {"trainer": {"devices": devices, "accumulate": accumulate}, "data": {"batch_size": batch}}
+
+    assert changed_settings(run("2", 8, 1), run("1", 8, 2)) == []  # 16 per optimizer step either way
+    assert changed_settings(run("1", 16, 1), run("1", 4, 4)) == []
+    assert changed_settings(run("1", 8, 2), run("1", 8, 1))[0].startswith("trainer.accumulate: 2 -> 1")
+
+
 @pytest.mark.slow  # 40 s: two processes
 def test_two_processes_accumulating_update_as_one_process_with_the_whole_batch(tmp_path):
     """2 processes x batch 4 x 2 accumulated = 1 process x batch 16: the batches that do not step
