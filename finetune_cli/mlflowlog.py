@@ -133,7 +133,7 @@ class MLflowLogger:
     def resumed(self, rows: List[Dict[str, Any]], checkpoint: Path) -> None:
         self.rows = list(rows)
         if not self.broken:
-            self._attempt(lambda: self._catch_up(resumed_from=str(checkpoint)))
+            self._attempt(lambda: self._catch_up(resumed_from=Path(checkpoint)))
 
     def close(self, status: str, summary: Dict[str, Any]) -> None:
         if self.broken:  # one more try: the store may be back
@@ -161,9 +161,9 @@ class MLflowLogger:
                 log.warning(f"MLflow ({self.uri}) failed: {self.broken}. Training goes on; the run's files in "
                             f"{self.out_dir} hold everything, and the end of the run tries once more.")
 
-    def _record(self) -> Dict[str, Any]:
+    def _record(self, run_dir: Optional[Path] = None) -> Dict[str, Any]:
         try:
-            found = json.loads((self.out_dir / RECORD).read_text())
+            found = json.loads(((run_dir or self.out_dir) / RECORD).read_text())
         except (OSError, ValueError):
             return {}
         return found if isinstance(found, dict) else {}
@@ -177,12 +177,14 @@ class MLflowLogger:
             warnings.filterwarnings("ignore", message=".*noload.*")
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=self.uri)
             if self.uri.startswith("sqlite:///"):  # sweep jobs at once: one makes the tables, the others wait
                 db = Path(self.uri[len("sqlite:///"):])
+                db.parent.mkdir(parents=True, exist_ok=True)
                 with waiting_lock(db.with_name(db.name + ".lock"), f"MLflow: waiting for {db}"):
+                    self.client = MlflowClient(tracking_uri=self.uri)
                     experiment_id = self._experiment(db.parent / "mlartifacts")
             else:
+                self.client = MlflowClient(tracking_uri=self.uri)
                 experiment_id = self._experiment(None)
         run = self._earlier_run()
         if run is None:
@@ -248,10 +250,14 @@ class MLflowLogger:
         if rows:
             self.client.log_batch(self.run_id, metrics=self._metrics(rows))
 
-    def _catch_up(self, resumed_from: Optional[str] = None) -> None:
+    def _catch_up(self, resumed_from: Optional[Path] = None) -> None:
         """Send the epochs the MLflow run lacks (a resume into a new folder: all of them)."""
-        if resumed_from:
-            self.client.set_tag(self.run_id, "resumed_from", resumed_from)
+        if resumed_from is not None:
+            self.client.set_tag(self.run_id, "resumed_from", str(resumed_from))
+            source = resumed_from.parent.parent if resumed_from.parent.name == "checkpoints" else resumed_from.parent
+            earlier = self._record(source)
+            if earlier.get("tracking_uri") == self.uri and earlier.get("run_id") not in (None, self.run_id):
+                self.client.set_tag(self.run_id, "resumed_from_run", earlier["run_id"])
         sent = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
         self._send_rows([r for r in self.rows if int(r["epoch"]) not in sent])
 
