@@ -1,7 +1,8 @@
 """What a logger costs a run: logger=none, tensorboard and mlflow on the same small runs, in this
 process. Each logger call is timed where the Recorder makes it: opening (MLflow: the import, the
 store, the run and its params), each epoch, and the end (MLflow: the summary, the artifacts, the
-status). Also the local MLflow store's size on disk after the runs.
+status). Also what a new process pays to open the store that exists by then (the cost of each
+command-line run: the import, the store, the run and its params), and the store's size on disk.
 
     python benchmarks/bench_tracking.py            # resnet18, 10 epochs, 3 runs per logger
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -38,6 +41,18 @@ class Timed:
         return timed
 
 
+OPEN_IN_NEW_PROCESS = """
+import sys, time
+from finetune_cli.mlflowlog import MLflowLogger  # and torch, which a run has imported by then
+start = time.perf_counter()
+import mlflow
+imported = time.perf_counter()
+logger = MLflowLogger(__import__("pathlib").Path(sys.argv[1]), {"a": {"b": 1}})
+assert logger.run_id, logger.broken
+print(imported - start, time.perf_counter() - imported)
+"""
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -50,6 +65,7 @@ def main() -> None:
     if a.quick:
         a.epochs, a.runs = 2, 1
     out = workdir(a.workdir)
+    out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # the local MLflow store goes in ./outputs
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     common = [*synthetic_run(32, 10, 8 if a.quick else 20, "resnet18", a.epochs), "model.weights=null"]
@@ -86,6 +102,16 @@ def main() -> None:
     db, artifacts = out / "outputs" / "mlflow.db", out / "outputs" / "mlartifacts"
     print(f"MLflow store after {a.runs} run(s) of {a.epochs} epochs: mlflow.db {db.stat().st_size / 1e6:.2f} MB, "
           f"artifacts {folder_bytes(artifacts) / 1e3:.0f} kB")
+    opens = []
+    for i in range(a.runs):
+        folder = out / "open" / str(i)
+        folder.mkdir(parents=True)
+        done = subprocess.run([sys.executable, "-c", OPEN_IN_NEW_PROCESS, str(folder)], capture_output=True, text=True,
+                              check=True)
+        opens.append([float(x) for x in done.stdout.split()])
+    imports, rest = statistics.median(o[0] for o in opens), statistics.median(o[1] for o in opens)
+    print(f"opening the store in a new process: {imports + rest:.2f} s ({imports:.2f} s importing mlflow, "
+          f"{rest:.2f} s the store, the run and its params; median of {a.runs})")
     print(f"mlflow per epoch: {rows[-1][5]} ms")
 
 
