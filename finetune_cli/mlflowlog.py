@@ -53,9 +53,12 @@ def _sql_store(uri: str) -> bool:
 
 def store_uri(configured: Optional[str], earlier: Optional[str] = None) -> str:
     """logger.tracking_uri, else $MLFLOW_TRACKING_URI, else the store the run folder's earlier
-    run used, else the local SQLite store outputs/mlflow.db."""
-    found = configured or os.environ.get("MLFLOW_TRACKING_URI") or earlier
-    return found or "sqlite:///" + str((Path.cwd() / LOCAL_STORE).absolute())
+    run used, else the local SQLite store outputs/mlflow.db. A SQLite file is named by its
+    absolute path: a resume from another directory finds the same store."""
+    found = configured or os.environ.get("MLFLOW_TRACKING_URI") or earlier or f"sqlite:///{LOCAL_STORE}"
+    if found.startswith("sqlite:///") and not found.startswith("sqlite:////"):
+        found = "sqlite:///" + str((Path.cwd() / found[len("sqlite:///"):]).absolute())
+    return found
 
 
 def missing_package(tracking_uri: Optional[str]) -> Optional[str]:
@@ -194,7 +197,8 @@ class MLflowLogger:
         atomic_json({"tracking_uri": self.uri, "experiment_id": experiment_id, "run_id": self.run_id},
                     self.out_dir / RECORD)
         self._send_params(run.data.params)
-        log.info(f"MLflow: run {self.run_id} ({self.name}) in experiment '{self.experiment}' at {self.uri}")
+        browse = f" (browse: mlflow ui --backend-store-uri {self.uri})" if self.uri.startswith("sqlite:") else ""
+        log.info(f"MLflow: run {self.run_id} ({self.name}) in experiment '{self.experiment}' at {self.uri}{browse}")
         if self.rows:
             self._catch_up()
 

@@ -2,7 +2,7 @@
 
 summary.json, metrics.csv, classes.json, skipped_images.txt, the preview picture, checkpoints
 (last.pt every epoch, best.pt, epoch_NNN.pt, stage_best.pt), the feature cache, the logger's
-(TensorBoard event files, MLflow's run), and the record of an interruption or failure. Every write is atomic: a crash
+(TensorBoard, MLflow), and the record of an interruption or failure. Every write is atomic: a crash
 leaves the previous file, never a partial one. In multi-process training only rank 0 has one.
 """
 
@@ -162,9 +162,10 @@ class Recorder:
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
 
     def failed(self, error: BaseException) -> None:
-        """The run stops on an error (summary.json records it: ``mark_failed``)."""
-        self.summary.update(error=failure_text(error), total_seconds=self.seconds())
-        self.close("failed")
+        """The run stops on an error: the logger is told (summary.json records it: ``mark_failed``)."""
+        if self.logger is not None:
+            self.summary.update(error=failure_text(error), total_seconds=self.seconds())
+            self.close("failed")
 
     def interrupted(self, exc: Interrupted) -> SystemExit:
         """Record the interruption, say how to resume; the caller raises what this returns
