@@ -217,3 +217,19 @@ def test_mlflow_settings_without_logger_mlflow_are_refused(finetune, tmp_path):
     with pytest.raises(FinetuneError, match="logger.tracking_uri, logger.experiment are set, but logger=tensorboard"):
         finetune("debug=tiny", "logger=tensorboard", "logger.tracking_uri=http://x:5000", "logger.experiment=e")
     assert not (tmp_path / "runs").exists()
+
+
+def test_params_past_mlflows_limits_are_cut_and_batched(store, tmp_path):
+    """250 params (MLflow takes 100 a call) and a 7,000-character value (it keeps 6,000)."""
+    from finetune_cli.mlflowlog import MLflowLogger
+
+    config = {"group": {f"key{i:03d}": i for i in range(249)}, "long": "x" * 7000}
+    logger = MLflowLogger(tmp_path, config, tracking_uri=store, experiment="limits")
+    logger.log_epoch({"epoch": 1, "val_loss": 0.5, "events": "unfroze layer4"})
+    logger.close("completed", {"best": {"value": 0.5}})
+    assert logger.broken is None
+    c, run = the_run(tmp_path)
+    params = run.data.params
+    assert len(params) == 250 and params["group.key248"] == "248"
+    assert len(params["long"]) == 6000 and params["long"].endswith("...")
+    assert run.data.metrics == {"val_loss": 0.5, "summary.best.value": 0.5}
