@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_cli.config import RANDOM_NAMES, Config, DataSource, Device, RegularizerName
 from finetune_cli.errors import FinetuneError
+from finetune_cli.tracking import logger_problems
 
 # The settings' own checks import neither torch nor torchvision (about 5 s): a mistyped number is
 # answered at once. Only what needs them (model and weights names, the GPU) imports them.
@@ -145,11 +146,7 @@ def _setup_problems(cfg: Config) -> List[str]:
     attempt(lambda: resolve_workers(cfg.data.num_workers))
     attempt(lambda: parse_switch(cfg.data.cache_features, "data.cache_features"))
     attempt(lambda: parse_switch(cfg.trainer.channels_last, "trainer.channels_last"))
-    if cfg.logger.name.value == "tensorboard":
-        from finetune_cli.tblog import HINT, available
-
-        if not available():
-            found.append(HINT)
+    found += logger_problems(cfg.logger)
     if cfg.trainer.resume and cfg.trainer.resume != "auto" and not Path(cfg.trainer.resume).expanduser().exists():
         found.append(f"trainer.resume={cfg.trainer.resume} does not exist: give a checkpoint file or a run folder.")
     if cfg.trainer.device == Device.cuda and not torch.cuda.is_available():

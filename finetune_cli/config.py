@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -83,6 +83,7 @@ class AutoAugmentPolicy(str, Enum):
 class LoggerName(str, Enum):
     none = "none"  # metrics.csv and summary.json only (always written)
     tensorboard = "tensorboard"  # also TensorBoard event files in the run folder
+    mlflow = "mlflow"  # also an MLflow run: the config, every epoch's metrics, the run's files
 
 
 class PreviewMode(str, Enum):
@@ -366,6 +367,14 @@ class AdaptConfig:
 @dataclass
 class LoggerConfig:
     name: LoggerName = LoggerName.none
+    # logger=mlflow (the keys below are refused with any other logger):
+    # null: $MLFLOW_TRACKING_URI, else the store a resumed run used, else outputs/mlflow.db (SQLite)
+    # with artifacts in outputs/mlartifacts; or a server (http://host:5000), or sqlite:///PATH.db
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None  # null: $MLFLOW_EXPERIMENT_NAME, else "finetune-cli"
+    run_name: Optional[str] = None  # null: the run folder's name (a sweep job's: number and overrides)
+    tags: Dict[str, str] = field(default_factory=dict)
+    log_checkpoint: bool = False  # also checkpoints/best.pt as an artifact at the end (it can be large)
 
 
 @dataclass

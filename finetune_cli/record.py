@@ -1,8 +1,8 @@
 """The Recorder: the one owner of every file a run writes in its folder.
 
 summary.json, metrics.csv, classes.json, skipped_images.txt, the preview picture, checkpoints
-(last.pt every epoch, best.pt, epoch_NNN.pt, stage_best.pt), the feature cache, TensorBoard
-event files, and the record of an interruption or failure. Every write is atomic: a crash
+(last.pt every epoch, best.pt, epoch_NNN.pt, stage_best.pt), the feature cache, the logger's
+(TensorBoard, MLflow), and the record of an interruption or failure. Every write is atomic: a crash
 leaves the previous file, never a partial one. In multi-process training only rank 0 has one.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from finetune_cli import ui
+from finetune_cli.config import LoggerConfig
 from finetune_cli.errors import Refused
 from finetune_cli.io_utils import (
     atomic_csv,
@@ -25,7 +26,7 @@ from finetune_cli.io_utils import (
     atomic_write_bytes,
     text_bytes,
 )
-from finetune_cli.tblog import TensorBoardLogger
+from finetune_cli.tracking import EpochLogger, open_logger
 from finetune_cli.train.features import FeatureStore
 from finetune_cli.train.shutdown import Interrupted
 
@@ -46,7 +47,7 @@ class Recorder:
         self.saved_epoch = 0  # the newest epoch saved: in last.pt once this run saved one, else in resumed_from
         self.saved_here = False
         self.resumed_from: Optional[Path] = None
-        self.tensorboard: Optional[TensorBoardLogger] = None
+        self.logger: Optional[EpochLogger] = None
 
     def _write(self, write: Any, *args: Any) -> None:
         if self.writes:
@@ -97,12 +98,14 @@ class Recorder:
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
         return self.summary
 
-    def begin(self, summary: Dict[str, Any], classes: List[str], *, tensorboard: bool) -> None:
-        """Training starts: the run's first summary, its classes, TensorBoard if asked for."""
+    def begin(self, summary: Dict[str, Any], classes: List[str], *, logger: Optional[LoggerConfig] = None,
+              config: Optional[Dict[str, Any]] = None) -> None:
+        """Training starts: the run's first summary, its classes, the logger asked for (``config``:
+        the resolved config, for MLflow's params)."""
         self.summary = {**summary, "status": "running", "events": []}
         self._write(atomic_json, classes, self.out_dir / "classes.json")
-        if tensorboard and self.writes:
-            self.tensorboard = TensorBoardLogger(self.out_dir / "tensorboard")
+        if logger is not None and self.writes:
+            self.logger = open_logger(logger, self.out_dir, config or {})
 
     def resumed(self, checkpoint: Path, saved_epoch: int, history: List[Dict[str, Any]], events: List[Dict[str, Any]]) -> None:
         """Continue the files of the run that saved ``checkpoint``; its stage snapshot and the
@@ -116,6 +119,8 @@ class Recorder:
                              (run_dir / self.features_before.name, self.features_before)):
             if source.is_file() and source.resolve() != here.resolve():
                 self._write(atomic_link, source, here)
+        if self.logger is not None:
+            self.logger.resumed(self.rows, checkpoint)
 
     # -- every epoch --------------------------------------------------------------------------
 
@@ -124,8 +129,6 @@ class Recorder:
         """An epoch's metrics row, checkpoints and summary, in that order."""
         self.rows.append(row)
         self._write(atomic_csv, self.rows, self.out_dir / "metrics.csv")
-        if self.tensorboard is not None:
-            self.tensorboard.log_epoch(row)
         self._write(atomic_torch_save, checkpoint, self.last)
         self.saved_epoch, self.saved_here = int(row["epoch"]), True
         for name, wanted in (("best.pt", best), (keep_as, bool(keep_as)), (self.stage_best.name, stage_best)):
@@ -133,18 +136,21 @@ class Recorder:
                 self._write(atomic_link, self.last, self.checkpoints / name)
         self.summary.update(summary, total_seconds=self.seconds())
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
+        if self.logger is not None:  # saved first: what a logger holds is always in the folder
+            self.logger.log_epoch(row)
 
     # -- the end ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+    def close(self, status: str) -> None:
+        """The logger's end, with the summary as it stands (its ``status`` aside)."""
+        if self.logger is not None:
+            logger, self.logger = self.logger, None
+            logger.close(status, {**self.summary, "status": status})
 
     def completed(self, **extra: Any) -> Dict[str, Any]:
-        self.close()
         self.summary.update(extra, status="completed", total_seconds=self.seconds())
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
+        self.close("completed")
         if self.writes:
             ui.show_result(self.summary)
         return self.summary
@@ -155,10 +161,21 @@ class Recorder:
                             "the epoch under way abandoned", total_seconds=self.seconds())
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
 
+    def failed(self, error: BaseException) -> None:
+        """The run stops on an error: the logger is told (summary.json records it: ``mark_failed``)."""
+        if self.logger is not None:
+            self.summary.update(error=failure_text(error), total_seconds=self.seconds())
+            self.close("failed")
+
     def interrupted(self, exc: Interrupted) -> SystemExit:
         """Record the interruption, say how to resume; the caller raises what this returns
         (exit 130 for SIGINT, 143 for SIGTERM)."""
-        self.close()
+        try:
+            return self._interrupted(exc)
+        finally:
+            self.close("interrupted")
+
+    def _interrupted(self, exc: Interrupted) -> SystemExit:
         if not self.writes:  # rank 0 records it and says how to resume
             return SystemExit(exc.exit_code)
         if self.summary:
@@ -192,14 +209,18 @@ def read_summary(run_dir: Path) -> Dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
+def failure_text(error: BaseException) -> str:
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first}"
+
+
 def mark_failed(out_dir: Path, error: BaseException) -> None:
     """Record a failure in summary.json, keeping whatever the run already wrote; a refused run
     (``Refused``: it did nothing, in a folder holding an earlier run) records nothing."""
     if isinstance(error, Refused):
         return
     summary = read_summary(out_dir)
-    first = str(error).splitlines()[0] if str(error) else ""
-    summary.update({"status": "failed", "error": f"{type(error).__name__}: {first}"})
+    summary.update({"status": "failed", "error": failure_text(error)})
     try:
         atomic_json(summary, out_dir / "summary.json")
     except OSError as exc:  # a full disk or a read-only folder: the error itself is still shown

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 from finetune_cli import world
 from finetune_cli.build import build
 from finetune_cli.checks import check
-from finetune_cli.config import Config, LoggerName, PreviewMode
+from finetune_cli.config import Config, PreviewMode
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.preview import write_preview
 from finetune_cli.io_utils import folder_lock, remove_stale_temporaries
@@ -50,6 +50,9 @@ def run(
             return _run(cfg, resolved, label, recorder)
         except Interrupted as exc:  # a signal before the epochs (the epoch loop records its own)
             raise recorder.interrupted(exc) from None
+        except Exception as exc:
+            recorder.failed(exc)
+            raise
 
 
 def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: Recorder) -> Dict[str, Any]:
@@ -79,7 +82,7 @@ def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: 
     if start.finished:
         return already_finished(start.checkpoint, start.finished)
 
-    recorder.begin(summary, parts.splits.classes, tensorboard=cfg.logger.name == LoggerName.tensorboard)
+    recorder.begin(summary, parts.splits.classes, logger=cfg.logger, config=resolved)
     if start.checkpoint:
         recorder.resumed(start.checkpoint, start.saved_epoch, start.history, start.events)
     ending = fit(parts, start, recorder)

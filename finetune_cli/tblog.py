@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from finetune_cli.errors import FinetuneError
 
@@ -40,5 +40,8 @@ class TensorBoardLogger:
             self.writer.add_text("events", event, epoch)
         self.writer.flush()
 
-    def close(self) -> None:
+    def resumed(self, rows: List[Dict[str, Any]], checkpoint: Path) -> None:
+        """The event files of the run's earlier epochs stay where that run wrote them."""
+
+    def close(self, status: str = "completed", summary: Any = None) -> None:
         self.writer.close()

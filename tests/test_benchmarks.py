@@ -20,6 +20,7 @@ from helpers import REPO
     ("bench_ddp_unfreeze.py", "wrap once / rewrap: "),
     ("bench_recipes.py", "presets at or above the plain loop: "),
     ("bench_imbalance.py", "settings measured: "),
+    ("bench_tracking.py", "mlflow per epoch: "),
 ])
 def test_benchmark_runs(script, expect, tmp_path):
     args = [sys.executable, script, "--quick", "--workdir", str(tmp_path)]
