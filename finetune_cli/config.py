@@ -335,8 +335,8 @@ class Task(str, Enum):
 
 
 class LRRule(str, Enum):
-    valley = "valley"  # the middle of the longest stretch where the smoothed loss keeps falling (fastai's)
     steepest = "steepest"  # where the smoothed loss falls fastest against log LR
+    valley = "valley"  # the middle of the longest stretch where the smoothed loss keeps falling (fastai's)
     minimum = "minimum"  # a tenth of the LR at the lowest smoothed loss
 
 
@@ -350,7 +350,7 @@ class LRFindConfig:
     steps: int = 100
     diverge: Optional[float] = 4.0  # stop once the smoothed loss passes this multiple of its lowest; null = never
     smoothing: float = 0.98  # the loss's moving average factor (bias-corrected)
-    rule: LRRule = LRRule.valley  # the suggestion's rule (every rule's value is printed and saved)
+    rule: LRRule = LRRule.steepest  # the suggestion's rule (every rule's value is printed and saved)
 
 
 @dataclass

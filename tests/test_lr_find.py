@@ -76,7 +76,7 @@ def test_the_sweep_rises_exponentially_keeps_the_group_ratios_and_writes_its_fil
         assert r["smoothed"] == pytest.approx(average / (1 - 0.98 ** (i + 1)))
 
     found = _found(run)
-    assert found["rule"] == "valley" and found["steps_run"] == 20 and not found["stopped"]
+    assert found["rule"] == "steepest" and found["steps_run"] == 20 and not found["stopped"]
     assert 1e-6 <= found["head_lr"] <= 1.0
     # strategy=full trains at optimizer.lr x 0.3: the suggestion is the optimizer.lr that gives the head LR found
     assert found["suggestion"] == pytest.approx(found["head_lr"] / 0.3)
@@ -209,7 +209,7 @@ def test_finetune_cli_lr_find_prints_the_override_to_paste(tmp_path):
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("LR finder: suggested")]
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("lr_find.json")]
     found = _found(run)
-    assert f"suggested {found['override']} (valley" in line and "strategy.lr_scale 10" in line
+    assert f"suggested {found['override']} (steepest" in line and "strategy.lr_scale 10" in line
     assert "Traceback" not in proc.stdout + proc.stderr
 
 

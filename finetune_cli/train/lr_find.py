@@ -141,8 +141,8 @@ def steepest(values: Sequence[float]) -> int:
 
 
 RULES: Dict[LRRule, str] = {
-    LRRule.valley: "the middle of the longest valley of the smoothed loss",
     LRRule.steepest: "the steepest descent of the smoothed loss",
+    LRRule.valley: "the middle of the longest valley of the smoothed loss",
     LRRule.minimum: "a tenth of the LR at the lowest smoothed loss",
 }
 
@@ -165,7 +165,7 @@ def picks(found: Sweep) -> Dict[LRRule, Pick]:
     inner = [finite[i] for i in window(len(finite))]
     values = [found.smoothed[i] for i in inner]
     lowest = inner[min(range(len(values)), key=values.__getitem__)]
-    chosen = {LRRule.valley: inner[valley(values)], LRRule.steepest: inner[steepest(values)], LRRule.minimum: lowest}
+    chosen = {LRRule.steepest: inner[steepest(values)], LRRule.valley: inner[valley(values)], LRRule.minimum: lowest}
     return {rule: Pick(rule, i, found.lrs[i] / (10 if rule == LRRule.minimum else 1)) for rule, i in chosen.items()}
 
 
