@@ -88,14 +88,26 @@ def test_the_sweep_rises_exponentially_keeps_the_group_ratios_and_writes_its_fil
     assert not (run / "metrics.csv").exists() and not (run / "checkpoints").exists()
 
 
-def test_frozen_groups_get_no_update_while_the_rest_moves(tmp_path):
-    parts, _ = _parts(tmp_path, "strategy=freeze_early", "strategy.freeze_groups=2")
+@pytest.mark.parametrize("strategy, trains", [
+    (("strategy=freeze_early", "strategy.freeze_groups=2"), [False, False, True, True, True, True]),
+    (("strategy=progressive",), [False, False, False, False, False, True]),  # epoch 1: the head alone
+])
+def test_frozen_groups_get_no_update_while_the_rest_moves(tmp_path, strategy, trains):
+    parts, _ = _parts(tmp_path, *strategy)
     groups = parts.built.groups
     before = [[p.detach().clone() for _, p in g.params] for g in groups]
     found = sweep_parts(parts, SweepSettings(1e-4, 1e-1, 12, diverge=None))
     assert len(found.lrs) == 12
     moved = [any(not torch.equal(a, p) for a, (_, p) in zip(old, g.params)) for old, g in zip(before, groups)]
-    assert moved == [False, False, True, True, True, True]  # stem and layer1 frozen
+    assert moved == trains
+
+
+def test_a_staged_run_sweeps_its_first_stage_and_gives_the_lr_back_without_its_multiplier(finetune):
+    stages = "strategy.stages=[{epochs:1,train_groups:1,lr_mult:0.5},{epochs:1,train_groups:-1}]"
+    _, run = finetune(*TINY, "strategy=staged", stages, "strategy.lr_scale=2", "lr_find.steps=10")
+    found = _found(run)
+    assert found["suggestion"] == pytest.approx(found["head_lr"] / (2 * 0.5))
+    assert "strategy.lr_scale 2 x the first stage's lr_mult 0.5" in found["how"]
 
 
 def test_weights_optimizer_and_random_streams_end_as_found_and_a_run_after_is_unaffected(tmp_path, finetune):

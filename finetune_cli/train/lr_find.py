@@ -84,7 +84,8 @@ def sweep(steps_of: Callable[[Callable[[int], None]], Iterator[float]], optimize
             group["lr"] = lrs[step] * ratio
 
     started = time.perf_counter()
-    for step, loss in zip(range(settings.steps), steps_of(set_lrs)):  # range first: no step past the last
+    losses = steps_of(set_lrs)
+    for step, loss in zip(range(settings.steps), losses):  # range first: no step past the last
         found.lrs.append(lrs[step])
         found.losses.append(loss)
         found.group_lrs.append(group_lrs(optimizer))
@@ -100,6 +101,7 @@ def sweep(steps_of: Callable[[Callable[[int], None]], Iterator[float]], optimize
             found.stopped = (f"the smoothed loss passed {settings.diverge:g}x its lowest ({smoothed:.3g} against "
                              f"{lowest:.3g}) at step {step + 1}, LR {lrs[step]:.2e}")
             break
+    losses.close()  # the loader's workers, if any, end here
     found.seconds = time.perf_counter() - started
     return found
 
