@@ -110,7 +110,7 @@ def finder_outcome(path: Path) -> str:
     status, found = summary.get("status", "incomplete"), summary.get("lr_find")
     if status == "completed" and isinstance(found, dict):
         return f"suggested {found.get('override')}"
-    return str(status)
+    return f"{status}: {summary['error']}" if summary.get("error") else str(status)
 
 
 def read_run(path: Path, root: Path) -> Run:
