@@ -57,7 +57,7 @@ def problems(cfg: Config) -> List[str]:
 def settings_problems(cfg: Config) -> List[str]:
     """The problems found without torch: paths, ranges, probabilities, patiences."""
     return (_data_problems(cfg) + _augment_problems(cfg) + _training_problems(cfg) + patience_problems(cfg)
-            + range_problems(cfg))
+            + range_problems(cfg) + lr_find_problems(cfg))
 
 
 INF = math.inf
@@ -106,10 +106,10 @@ def _in_range(value: Any, low: float, high: float, bounds: str) -> bool:
     return above and below
 
 
-def range_problems(cfg: Config) -> List[str]:
+def range_problems(cfg: Config, ranges: list = RANGES) -> List[str]:
     """Numbers outside the values they may take (NaN and infinity included), each with its range."""
     found = []
-    for key, low, high, bounds, meaning in RANGES:
+    for key, low, high, bounds, meaning in ranges:
         value = operator.attrgetter(key)(cfg)
         if value is None:
             continue
@@ -302,3 +302,27 @@ def check(cfg: Config) -> None:
         raise FinetuneError(f"Invalid configuration: {found[0]}")
     if found:
         raise FinetuneError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in found))
+
+
+LR_FIND_RANGES = [
+    ("lr_find.start_lr", 0, INF, "()", "the sweep's first LR"),
+    ("lr_find.end_lr", 0, INF, "()", "the sweep's last LR"),
+    ("lr_find.steps", 10, INF, "[)", "the sweep's steps (enough to smooth the loss and read an LR off it; 100 is usual)"),
+    ("lr_find.diverge", 1, INF, "()", "the multiple of the lowest smoothed loss that stops the sweep (4 is usual; "
+     "null: never)"),
+    ("lr_find.smoothing", 0, 1, "[)", "the loss's moving-average factor (0.98 is usual)"),
+]
+
+
+def lr_find_problems(cfg: Config) -> List[str]:
+    """The LR finder's settings (checked whatever the task), and what task=lr_find cannot do."""
+    lf = cfg.lr_find
+    found = range_problems(cfg, LR_FIND_RANGES)
+    if not found and lf.start_lr >= lf.end_lr:
+        found.append(f"lr_find.start_lr={lf.start_lr:g} must be below lr_find.end_lr={lf.end_lr:g}: the sweep's LR rises "
+                     "from the one to the other (e.g. lr_find.start_lr=1e-7 lr_find.end_lr=10).")
+    if cfg.task.value == "lr_find" and cfg.trainer.resume:
+        found.append(f"trainer.resume={cfg.trainer.resume} with task=lr_find: the LR finder trains nothing and continues "
+                     "no run. To sweep from a run's weights, give them as model.weights=RUN/checkpoints/best.pt "
+                     "(without trainer.resume).")
+    return found

@@ -112,6 +112,12 @@ def ready_to_run(cfg: Config) -> None:
     from finetune_cli.world import from_env, wanted
 
     processes = max(wanted(cfg.trainer.devices, cfg.trainer.device.value), from_env().size)  # too many GPUs?
+    if cfg.task.value == "lr_find" and processes > 1:
+        raise FinetuneError(
+            f"Invalid configuration: task=lr_find runs in one process, and this run would have {processes} "
+            f"(trainer.devices={cfg.trainer.devices}). Set trainer.devices=1; to find the LR for {processes} processes "
+            f"of data.batch_size={cfg.data.batch_size} each, sweep their global batch in one: "
+            f"data.batch_size={processes * cfg.data.batch_size}.")
     if cfg.trainer.sync_bn:
         from finetune_cli.runtime import pick_device
         from finetune_cli.train.syncbn import sync_bn_problem
@@ -375,6 +381,12 @@ def main() -> None:
         _show_sweep_once()
 
 
+def lr_find_main() -> None:
+    """``finetune-cli-lr-find OVERRIDES``: ``finetune-cli task=lr_find OVERRIDES``."""
+    sys.argv.insert(1, "task=lr_find")
+    main()
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     from finetune_cli import world
@@ -423,4 +435,4 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     return best["value"] if best else None
 
 
-__all__ = ["main", "hydra_main", "RunHooks", "unique_dir", "path_safe"]
+__all__ = ["main", "lr_find_main", "hydra_main", "RunHooks", "unique_dir", "path_safe"]

@@ -377,6 +377,30 @@ class LoggerConfig:
     log_checkpoint: bool = False  # also checkpoints/best.pt as an artifact at the end (it can be large)
 
 
+class Task(str, Enum):
+    train = "train"
+    lr_find = "lr_find"  # an exponential LR sweep that suggests optimizer.lr; nothing is trained or saved
+
+
+class LRRule(str, Enum):
+    steepest = "steepest"  # where the smoothed loss falls fastest against log LR
+    valley = "valley"  # the middle of the longest stretch where the smoothed loss keeps falling (fastai's)
+    minimum = "minimum"  # a tenth of the LR at the lowest smoothed loss
+
+
+@dataclass
+class LRFindConfig:
+    """task=lr_find: the head's LR rises exponentially from start_lr to end_lr over `steps` training
+    steps; every other group keeps its ratio to the head."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    diverge: Optional[float] = 4.0  # stop once the smoothed loss passes this multiple of its lowest; null = never
+    smoothing: float = 0.98  # the loss's moving average factor (bias-corrected)
+    rule: LRRule = LRRule.steepest  # the suggestion's rule (every rule's value is printed and saved)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -392,6 +416,8 @@ class Config:
     plan: bool = False  # print the plan and exit without training
     preview: PreviewMode = PreviewMode.off  # preview=augment: a picture of what the model sees
     preview_images: int = 16
+    task: Task = Task.train  # task=lr_find: sweep the LR and suggest optimizer.lr (lr_find.*), train nothing
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     cache_dir: Optional[str] = None  # synthetic data and weights; default $FINETUNE_CLI_CACHE
 
 

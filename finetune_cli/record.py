@@ -92,6 +92,16 @@ class Recorder:
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
         return self.summary
 
+    def lr_found(self, summary: Dict[str, Any], rows: List[Dict[str, Any]], picture: Any) -> Dict[str, Any]:
+        """task=lr_find: lr_find.csv (each step), lr_find.json (the suggestion), lr_find.png
+        (``picture(path)`` draws it) and summary.json; no checkpoint, no metrics.csv."""
+        self.summary = {**summary, "status": "completed", "total_seconds": self.seconds()}
+        self._write(atomic_csv, rows, self.out_dir / "lr_find.csv")
+        self._write(atomic_json, summary["lr_find"], self.out_dir / "lr_find.json")
+        self._write(picture, self.out_dir / "lr_find.png")
+        self._write(atomic_json, self.summary, self.out_dir / "summary.json")
+        return self.summary
+
     def planned(self, summary: Dict[str, Any], classes: List[str]) -> Dict[str, Any]:
         self.summary = {**summary, "status": "planned", "events": []}
         self._write(atomic_json, classes, self.out_dir / "classes.json")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from finetune_cli import world
-from finetune_cli.build import build
+from finetune_cli.build import Parts, build
 from finetune_cli.checks import check
-from finetune_cli.config import Config, PreviewMode
+from finetune_cli.config import Config, PreviewMode, Task
 from finetune_cli.data.loading import load_data
 from finetune_cli.data.preview import write_preview
 from finetune_cli.io_utils import folder_lock, remove_stale_temporaries
@@ -23,6 +23,7 @@ from finetune_cli.record import Recorder, read_summary
 from finetune_cli.runtime import seed_everything
 from finetune_cli.train.checkpoint import finished_before_build, read_resume, refuse_changed_settings, resume
 from finetune_cli.train.fit import fit
+from finetune_cli.train.lr_find import LRUnits, SweepSettings, run_lr_find
 from finetune_cli.train.mixing import make_mixer
 from finetune_cli.train.shutdown import Interrupted, StopAtOnce
 
@@ -70,6 +71,8 @@ def _run(cfg: Config, resolved: Dict[str, Any], label: Optional[str], recorder: 
     summary = show_plan(cfg, parts, label, out_dir)
     if cfg.plan:
         return recorder.planned(summary, parts.splits.classes)
+    if cfg.task == Task.lr_find:
+        return find_learning_rate(cfg, parts, summary, recorder)
 
     start = resume(parts.state, ckpt, parts.controller.epochs, cfg.model.name, parts.splits.classes)
     here = parts.env.world
@@ -114,3 +117,11 @@ def preview_augmentation(cfg: Config, recorder: Recorder) -> Dict[str, Any]:
     log.info(f"augment={cfg.augment.name.value}: {cfg.preview_images} training images as the model sees them "
              f"({pre.crop_size}px) written to {path}")
     return recorder.preview({"status": "previewed", "preview": str(path), "augment": cfg.augment.name.value})
+
+
+def find_learning_rate(cfg: Config, parts: Parts, summary: Dict[str, Any], recorder: Recorder) -> Dict[str, Any]:
+    """task=lr_find: an exponential LR sweep on the run's parts, which are left as they were."""
+    lf, mult = cfg.lr_find, parts.controller.lr_mult
+    units = LRUnits(cfg.optimizer.lr, parts.lrs[-1] * mult, cfg.strategy.group_lrs, cfg.strategy.lr_scale, mult)
+    return run_lr_find(parts, SweepSettings(lf.start_lr, lf.end_lr, lf.steps, lf.diverge, lf.smoothing), lf.rule, units,
+                       summary, recorder, f"{cfg.model.name}, strategy={summary['strategy']}: LR finder")

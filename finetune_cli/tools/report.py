@@ -15,7 +15,7 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes, text_bytes
@@ -23,6 +23,7 @@ from finetune_cli.tools.loading import tool_main
 from finetune_cli.tools.plots import write_plots
 from finetune_cli.tools.table import (
     Run,
+    finder_outcome,
     is_scratch,
     memory_footnote,
     memory_kinds,
@@ -30,6 +31,7 @@ from finetune_cli.tools.table import (
     negative_transfer_note,
     read_runs,
     render_table,
+    task_of,
     transfer_text,
     wide_console,
 )
@@ -131,13 +133,24 @@ def failed_or_unscored(r: Run) -> bool:
     return r.row["status"] == "failed" or isinstance(best, bool) or not isinstance(best, (int, float))
 
 
-def build_report(root: Path, sort: str = "best") -> List[Run]:
+def build_report(root: Path, sort: str = "best") -> Tuple[List[Run], List[Path]]:
+    """The training runs below ``root``, ranked, and the LR finder's folders (task=lr_find), left out."""
     if not root.exists():
         raise FinetuneError(f"{root} does not exist: give a run folder, a multirun folder, or outputs/.")
     paths = find_runs(root)
     if not paths:
         raise FinetuneError(f"No runs below {root}: a run folder holds a .hydra/ folder written by finetune-cli.")
-    return _sort(read_runs(paths, root), sort)
+    finders = [p for p in paths if task_of(p) == "lr_find"]
+    runs = [p for p in paths if p not in finders]
+    return _sort(read_runs(runs, root), sort) if runs else [], finders
+
+
+def finders_note(finders: List[Path], root: Path) -> str:
+    """The LR finder's folders, which are not training runs: named, with their suggestions."""
+    shown = "; ".join(f"{p.relative_to(root) if p != root else p.name}: {finder_outcome(p)}" for p in finders)
+    one = len(finders) == 1
+    return (f"Left out {len(finders)} LR finder folder{'' if one else 's'} (task=lr_find sweeps the LR and trains "
+            f"nothing; lr_find.json holds the suggestion): {shown}")
 
 
 @tool_main
@@ -152,7 +165,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--hide-failed", action="store_true",
                         help="leave out runs that failed or have no best metric (table, CSV, Markdown and plots)")
     args = parser.parse_args(argv)
-    runs = build_report(args.path, args.sort)
+    runs, finders = build_report(args.path, args.sort)
+    if finders:
+        print(finders_note(finders, args.path))
+    if not runs:
+        print(f"No training runs below {args.path} to compare.")
+        return 0
     if args.hide_failed:
         hidden = [r for r in runs if failed_or_unscored(r)]
         runs = [r for r in runs if not failed_or_unscored(r)]

@@ -99,6 +99,21 @@ def _job_choice(path: Path, key: str) -> str:
         return ""
 
 
+def task_of(path: Path, summary: Optional[Dict[str, Any]] = None) -> str:
+    """``lr_find`` for an LR finder's folder (a sweep, not a training run), else ``train``."""
+    summary = _read_summary(path)[0] if summary is None else summary
+    return str(summary.get("task") or _job_choice(path, "task") or "train")
+
+
+def finder_outcome(path: Path) -> str:
+    """What an LR finder's folder suggested, or how it ended."""
+    summary = _read_summary(path)[0]
+    status, found = summary.get("status", "incomplete"), summary.get("lr_find")
+    if status == "completed" and isinstance(found, dict):
+        return f"suggested {found.get('override')}"
+    return f"{status}: {summary['error']}" if summary.get("error") else str(status)
+
+
 def read_run(path: Path, root: Path) -> Run:
     summary, problem = _read_summary(path)
     metrics = _read_metrics(path)
@@ -107,6 +122,8 @@ def read_run(path: Path, root: Path) -> Run:
         status = "running or interrupted"
     if problem and status == "unknown":
         status = "incomplete"
+    if task_of(path, summary) == "lr_find":
+        status, problem = f"LR finder (task=lr_find), not a training run: {finder_outcome(path)}", None
     best = summary.get("best") or {}
     last = metrics[-1] if metrics else {}
     epoch_seconds = [m["epoch_seconds"] for m in metrics if isinstance(m.get("epoch_seconds"), float)]

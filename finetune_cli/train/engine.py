@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -122,9 +122,7 @@ def train_one_epoch(
     ``across_processes``: the run's processes decide the check together and sum the metrics (only
     for what every process runs in step: not for one process's synthetic pretraining)."""
     model.train()
-    params: Sequence[torch.Tensor] = [
-        p for g in optimizer.param_groups for p in g["params"] if p.requires_grad
-    ]
+    params = _trained(optimizer)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -133,10 +131,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
-        images = to_device(images, device, channels_last)
-        targets = targets.to(device, non_blocking=True)
-        if mix is not None:
-            images, targets = mix(images, targets)  # soft targets from here on
+        images, targets = _inputs(images, targets, device, channels_last, mix)
         n = images.size(0)
         if adapt is not None:
             images = torch.cat([images, to_device(adapt.next_target(n), device, channels_last)])
@@ -145,12 +140,7 @@ def train_one_epoch(
             domain_loss = None
             if adapt is not None:
                 out, domain_loss = adapt.split(out, n)
-            logits, aux = split_outputs(out)
-            loss = criterion(logits, targets)
-            for a in aux:
-                loss = loss + aux_weight * criterion(a, targets)
-            if penalty is not None:
-                loss = loss + penalty()
+            logits, loss = batch_loss(out, targets, criterion, aux_weight, penalty)
             task_loss = loss  # what train_loss reports (the domain loss is reported on its own)
             if domain_loss is not None:
                 loss = loss + domain_loss
@@ -181,6 +171,64 @@ def train_one_epoch(
         seconds=seconds,
         interrupted=should_stop(),
     )
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable,
+    device: torch.device,
+    *,
+    before_step: Callable[[int], None],
+    precision: Precision = Precision(),
+    scaler: Optional[torch.amp.GradScaler] = None,
+    grad_clip: Optional[float] = None,
+    aux_weight: float = 0.0,
+    penalty: Optional[Callable[[], torch.Tensor]] = None,
+    mix: Optional[Callable] = None,
+    channels_last: bool = False,
+) -> Iterator[float]:
+    """Training steps as ``train_one_epoch`` takes them, one per batch, for a caller that watches
+    every step's loss (the LR finder): ``before_step(i)`` runs first (it sets the LRs), and each
+    step's loss is yielded before that step's update. A loss that is not finite is yielded like any
+    other, for the caller to judge; the caller stops by asking for no more."""
+    model.train()
+    params = _trained(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets) in enumerate(batches):
+        before_step(step)
+        images, targets = _inputs(images, targets, device, channels_last, mix)
+        with precision.autocast(device):
+            _, loss = batch_loss(model(images), targets, criterion, aux_weight, penalty)
+        yield float(loss.detach())
+        _backward(loss, scaler)
+        _step(optimizer, params, scaler, grad_clip)
+
+
+def _trained(optimizer: torch.optim.Optimizer) -> Sequence[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _inputs(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool,
+            mix: Optional[Callable]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device, mixed when MixUp/CutMix is on (soft targets from then on)."""
+    images = to_device(images, device, channels_last)
+    targets = targets.to(device, non_blocking=True)
+    return mix(images, targets) if mix is not None else (images, targets)
+
+
+def batch_loss(out: Any, targets: torch.Tensor, criterion: Callable, aux_weight: float,
+               penalty: Optional[Callable[[], torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the training loss of a forward pass: the criterion, the auxiliary heads'
+    weighted losses, and the regularizer's penalty."""
+    logits, aux = split_outputs(out)
+    loss = criterion(logits, targets)
+    for a in aux:
+        loss = loss + aux_weight * criterion(a, targets)
+    if penalty is not None:
+        loss = loss + penalty()
+    return logits, loss
 
 
 def _summed(total_loss: torch.Tensor, correct: torch.Tensor, seen: int, across_processes: bool
