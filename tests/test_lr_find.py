@@ -132,7 +132,7 @@ def test_weights_optimizer_and_random_streams_end_as_found_and_a_run_after_is_un
 
     # then the same run trains on these parts, and ends exactly as the run that never swept
     start = resume(parts.state, None, parts.controller.epochs, "resnet18", parts.splits.classes)
-    recorder.begin({}, parts.splits.classes, tensorboard=False)
+    recorder.begin({}, parts.splits.classes)
     fit(parts, start, recorder)
     assert_same_runs(plain, recorder.out_dir, columns=("train_loss", "val_loss", "val_acc"))
 
