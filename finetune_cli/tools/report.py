@@ -2,7 +2,8 @@
 
 Reads each run folder (one holding Hydra's ``.hydra/``): its ``summary.json``, ``metrics.csv``
 and ``.hydra/overrides.yaml``. Prints a table ranked by the chosen metric and writes, into PATH,
-``report.csv``, ``report.md`` and PNG plots. Runs still going, interrupted or failed appear
+``report.csv``, ``report.md`` and PNG plots; for a hyperparameter search, its trials and
+``trials.csv``. Runs still going, interrupted or failed appear
 marked as such, unless ``--hide-failed`` leaves out those that failed or have no best metric;
 a broken file never stops the report.
 """
@@ -21,6 +22,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes, text_bytes
 from finetune_cli.tools.loading import tool_main
 from finetune_cli.tools.plots import write_plots
+from finetune_cli.tools.sweep import show_trials
 from finetune_cli.tools.table import (
     Run,
     is_scratch,
@@ -33,6 +35,7 @@ from finetune_cli.tools.table import (
     transfer_text,
     wide_console,
 )
+from finetune_cli.tools.trials import find_studies, write_trials_csv
 from finetune_cli.ui import metric_text, pct, pp
 
 COLUMNS = [
@@ -163,8 +166,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     wide_console().print(render_table(runs))
     out = args.path if args.path.is_dir() else args.path.parent
     write_tables(runs, out)
-    plots = [] if args.no_plots else write_plots(runs, out)
-    print(f"Wrote {out / 'report.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in plots))
+    written = [out / "report.csv", out / "report.md"]
+    studies = find_studies(args.path)
+    if studies:
+        show_trials(studies, runs)
+        write_trials_csv(studies, out / "trials.csv")
+        written.append(out / "trials.csv")
+    written += [] if args.no_plots else write_plots(runs, out)
+    print("Wrote " + ", ".join(map(str, written)))
     return 0
 
 

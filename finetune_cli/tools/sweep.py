@@ -1,11 +1,15 @@
-"""The table printed at the end of a sweep: the report's run table, one row per job in job order."""
+"""The table printed at the end of a sweep: the report's run table, one row per job in job order;
+for a hyperparameter search, its trials after it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
-from finetune_cli.tools.table import read_runs, render_table, wide_console
+from rich.markup import escape
+
+from finetune_cli.tools.table import Run, read_runs, render_table, wide_console
+from finetune_cli.tools.trials import Study, read_studies, study_monitor, trials_header, trials_notes, trials_table
 
 
 def _job_number(path: Path) -> int:
@@ -25,5 +29,17 @@ def show_sweep(sweep_dir: Path) -> None:
         return
     # printed, not logged: at the end of a sweep the loggers carry Hydra's own line prefix
     print(f"Sweep: {sweep_dir}", flush=True)
-    table = render_table(read_runs(jobs, sweep_dir), job_numbers=[str(_job_number(p)) for p in jobs])
-    wide_console().print(table)
+    runs = read_runs(jobs, sweep_dir)
+    wide_console().print(render_table(runs, job_numbers=[str(_job_number(p)) for p in jobs]))
+    show_trials(read_studies(sweep_dir), runs)
+
+
+def show_trials(studies: Sequence[Study], runs: Sequence[Run]) -> None:
+    """A search's trials (its Optuna study), after the table of its runs."""
+    monitors = [r.row.get("monitor") for r in runs]
+    console = wide_console()
+    for study in studies:
+        monitor = study_monitor(study, monitors)
+        console.print(escape(trials_header(study, monitor)))
+        console.print(trials_table(study, monitor))
+        console.print(escape("\n".join(trials_notes(study, monitor))))
