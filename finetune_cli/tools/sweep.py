@@ -1,5 +1,6 @@
 """The table printed at the end of a sweep: the report's run table, one row per job in job order;
-for a hyperparameter search, its trials after it."""
+for a hyperparameter search, its trials after it; for a sweep over seeds, its groups
+(``finetune-cli-report --group-by``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import List, Sequence
 
 from rich.markup import escape
 
+from finetune_cli.errors import FinetuneError
+from finetune_cli.tools.groups import chosen_keys, group_runs, show_groups
 from finetune_cli.tools.table import Run, read_runs, render_table, wide_console
 from finetune_cli.tools.trials import Study, read_studies, study_monitor, trials_header, trials_notes, trials_table
 
@@ -32,6 +35,12 @@ def show_sweep(sweep_dir: Path) -> None:
     runs = read_runs(jobs, sweep_dir)
     wide_console().print(render_table(runs, job_numbers=[str(_job_number(p)) for p in jobs]))
     show_trials(read_studies(sweep_dir), runs)
+    keys = chosen_keys(None, runs)  # a sweep over seeds: its groups too
+    if keys is not None:
+        try:
+            show_groups(group_runs(runs, keys))
+        except FinetuneError as exc:
+            print(f"No groups over seeds: {exc}")
 
 
 def show_trials(studies: Sequence[Study], runs: Sequence[Run]) -> None:
