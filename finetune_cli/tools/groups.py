@@ -23,7 +23,7 @@ from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes, text_bytes
 from finetune_cli.tools import stats
 from finetune_cli.tools.table import Run
-from finetune_cli.ui import is_accuracy, metric_scale, metric_text, pp
+from finetune_cli.ui import is_accuracy, metric_scale, metric_text, pp, share
 
 SEED = "trainer.seed"
 ALPHA = 0.05  # a difference is larger than the seed noise where Welch's two-sided p is below this
@@ -247,7 +247,7 @@ def _cells(grouping: Grouping, group: Group, comparison: Comparison) -> List[str
             _spread(m, group.std), f"{metric_text(m, min(group.bests))} - {metric_text(m, max(group.bests))}",
             _delta(m, comparison.delta) if comparison.verdict != "best" else MISSING, p_text(comparison.p),
             ("* " if comparison.larger else "") + comparison.verdict, _cost(group.cost("total_seconds"), 1),
-            MISSING if trainable is None else f"{trainable:.3g}%", _cost(group.cost("peak_memory_mb"), 0)]
+            MISSING if trainable is None else share(trainable, 100), _cost(group.cost("peak_memory_mb"), 0)]
 
 
 def header(grouping: Grouping) -> str:
