@@ -4,7 +4,6 @@ printed tables and closed forms), the groups of fake and real run folders, the m
 import csv
 import json
 import math
-import subprocess
 
 import pytest
 from PIL import Image
@@ -71,19 +70,6 @@ def _seed_runs(root, seeds=SEEDS, extra=()):
         for seed, value in enumerate(values):
             summary = {**done_summary(strategy, value), "total_seconds": 10.0 + seed}
             fake_job(root / f"{strategy}_{seed}", [f"strategy={strategy}", f"trainer.seed={seed}", *extra], summary)
-
-
-@pytest.fixture
-def report(capsys):
-    """``report(PATH, *args)``: finetune-cli-report in this process; its exit code and output."""
-    from finetune_cli.tools.report import main
-
-    def run(root, *args):
-        code = main([str(root), *args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["finetune-cli-report", str(root), *args], code, out, err)
-
-    return run
 
 
 def test_groups_over_seeds_mark_the_difference_larger_than_seed_noise(tmp_path, report):

@@ -3,10 +3,8 @@ hydra-optuna-sweeper), its study kept in the sweep folder, resumed, and its tria
 
 import csv
 import json
-import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 
 import pytest
@@ -81,11 +79,10 @@ def test_each_trial_is_a_run_whose_best_metric_is_the_objective(search):
     assert "3 trials: 3 completed, 0 failed" in out and "Traceback" not in proc.stderr
 
 
-def test_the_report_lists_the_trials(search, tmp_path):
+def test_the_report_lists_the_trials(search, tmp_path, report):
     folder, _ = search
     copy = shutil.copytree(folder, tmp_path / "search")
-    proc = subprocess.run([sys.executable, "-m", "finetune_cli.tools.report", str(copy), "--no-plots"],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    proc = report(copy, "--no-plots")
     assert proc.returncode == 0, proc.stderr
     assert "Trials of study 'strategy_lr'" in proc.stdout and "<- best" in proc.stdout
     rows = list(csv.DictReader((copy / "trials.csv").open()))
@@ -179,3 +176,13 @@ def test_what_a_search_checks_ahead():
     assert command_problem(["hparams_search=strategy_lr"]).startswith("hparams_search=strategy_lr runs a search")
     assert command_problem(["-m", "hparams_search=strategy_lr"]) is None
     assert command_problem(["strategy=full"]) is None
+
+
+def test_without_optuna_the_report_still_reports_the_runs(search, tmp_path, report, monkeypatch):
+    folder, _ = search
+    copy = shutil.copytree(folder, tmp_path / "search")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+    proc = report(copy, "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    assert "Trials not listed" in proc.stdout and "pip install 'finetune-cli[search]'" in proc.stdout
+    assert len(list(csv.DictReader((copy / "report.csv").open()))) == 3 and not (copy / "trials.csv").exists()

@@ -175,7 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.path if args.path.is_dir() else args.path.parent
     write_tables(runs, out)
     written = [out / "report.csv", out / "report.md"]
-    studies = find_studies(args.path)
+    try:
+        studies = find_studies(args.path)
+    except FinetuneError as exc:  # a search's study, and no Optuna to read it: the rest of the report stands
+        studies = []
+        print(f"Trials not listed: {exc}")
     if studies:
         show_trials(studies, runs)
         write_trials_csv(studies, out / "trials.csv")
