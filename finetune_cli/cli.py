@@ -173,8 +173,9 @@ def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> O
 
 
 def search_problems(overrides: Sequence[str], sweeper: Any, config_name: str) -> Optional[str]:
-    """What stops a search's trials: the settings of each option of its search space (checked
-    once each), and a direction that does not follow trainer.monitor."""
+    """What stops a search's trials: a stored study resumed with other settings, the settings of
+    each option of its search space (checked once each), a direction that does not follow
+    trainer.monitor."""
     from finetune_cli.search import direction_problem, representative_jobs, resume_problem
 
     resumed = resume_problem(sweeper, overrides)
