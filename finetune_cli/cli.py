@@ -85,13 +85,20 @@ class RunHooks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A sweep's jobs are checked before the first one starts: no job folder is made for a
-        sweep that would fail on its settings (only Hydra's basic sweeper lists its jobs ahead)."""
-        if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
-            problems = sweep_problems(list(config.hydra.overrides.task), config.hydra.sweeper.get("params") or {},
+        sweep that would fail on its settings (Hydra's basic sweeper lists its jobs ahead; for a
+        search, each option of its search space is checked once)."""
+        from finetune_cli.search import is_search
+
+        sweeper = config.hydra.sweeper
+        problems = None
+        if sweeper.get("_target_") == BASIC_SWEEPER:
+            problems = sweep_problems(list(config.hydra.overrides.task), sweeper.get("params") or {},
                                       config.hydra.job.config_name)
-            if problems:
-                print(problems, file=sys.stderr)
-                raise SystemExit(1)
+        elif is_search(sweeper.get("_target_")):
+            problems = search_problems(list(config.hydra.overrides.task), sweeper, config.hydra.job.config_name)
+        if problems:
+            print(problems, file=sys.stderr)
+            raise SystemExit(1)
         SWEEP["dir"] = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -163,24 +170,53 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 def sweep_problems(overrides: Sequence[str], params: Any, config_name: str) -> Optional[str]:
     """What stops any job of a basic sweep (its settings, or weights that fail to download),
     each distinct problem once with the jobs it affects; None when every job can start."""
-    from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from finetune_cli.checks import typed_config
-
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
     jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    return _jobs_problems(jobs, config_name, "The sweep was not started: {bad} of its {all} jobs cannot run.")
+
+
+def search_problems(overrides: Sequence[str], sweeper: Any, config_name: str) -> Optional[str]:
+    """What stops a search's trials: a stored study resumed with other settings, the settings of
+    each option of its search space (checked once each), a direction that does not follow
+    trainer.monitor."""
+    from finetune_cli.search import direction_problem, representative_jobs, resume_problem
+
+    resumed = resume_problem(sweeper, overrides)
+    if resumed:
+        return resumed
+
+    def direction(cfg: Config) -> None:
+        problem = direction_problem(sweeper.get("direction"), cfg.trainer.monitor.value)
+        if problem:
+            raise FinetuneError(problem)
+
+    jobs = representative_jobs(sweeper.get("params") or {}, overrides)
+    return _jobs_problems(jobs, config_name, "The search was not started: {bad} of the {all} settings checked "
+                          "ahead (each option of its search space once) cannot run.", direction)
+
+
+def _jobs_problems(jobs: Sequence[Sequence[str]], config_name: str, header: str,
+                   also: Optional[typing.Callable[[Config], None]] = None) -> Optional[str]:
+    from hydra import compose
+
+    from finetune_cli.checks import typed_config
+
     found: dict = {}
     for number, job in enumerate(jobs):
         try:
-            ready_to_run(typed_config(compose(config_name=config_name, overrides=job)))
+            cfg = typed_config(compose(config_name=config_name, overrides=list(job)))
+            ready_to_run(cfg)
+            if also is not None:
+                also(cfg)
         except FinetuneError as exc:
             found.setdefault(str(exc), []).append(f"#{number} ({' '.join(job) or 'no overrides'})")
     if not found:
         return None
-    lines = [f"The sweep was not started: {sum(map(len, found.values()))} of its {len(jobs)} jobs cannot "
-             "run. No job folder was made. Fix these and launch it again:"]
+    lines = [header.format(bad=sum(map(len, found.values())), all=len(jobs))
+             + " No job folder was made. Fix these and launch it again:"]
     for message, which in found.items():
         shown = ", ".join(which[:3]) + (f" and {len(which) - 3} more" if len(which) > 3 else "")
         lines.append(f"- {'all jobs' if len(which) == len(jobs) else shown}: {message}")
@@ -367,7 +403,9 @@ def main() -> None:
     from finetune_cli.ui import tolerant_streams
 
     tolerant_streams()
-    problem = unknown_key(sys.argv[1:])
+    from finetune_cli.search import command_problem
+
+    problem = unknown_key(sys.argv[1:]) or command_problem(sys.argv[1:])
     if problem:
         print(problem, file=sys.stderr)
         raise SystemExit(1)

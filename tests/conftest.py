@@ -138,3 +138,17 @@ def finetune(tmp_path, monkeypatch, caplog):
 
     return _run
 
+
+@pytest.fixture
+def report(capsys):
+    """``report(PATH, *args)``: finetune-cli-report in this process; its exit code and output."""
+    import subprocess
+
+    from finetune_cli.tools.report import main
+
+    def run(root, *args):
+        code = main([str(root), *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["finetune-cli-report", str(root), *args], code, out, err)
+
+    return run

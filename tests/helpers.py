@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: run the CLI as a user would, find run folders, make data."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,21 @@ def assert_same_runs(a: Path, b: Path, columns, states=("model",)):
     for col in columns:
         assert [r[col] for r in rows_a] == [r[col] for r in rows_b], col
     return ckpt_a, ckpt_b, rows_a, rows_b
+
+
+def fake_job(folder, overrides, summary):
+    """A run folder as finetune-cli leaves it, for the report: ``.hydra/overrides.yaml`` and, unless
+    ``summary`` is None, ``summary.json``."""
+    from omegaconf import ListConfig, OmegaConf
+
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(ListConfig(overrides), folder / ".hydra" / "overrides.yaml")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def done_summary(strategy, best, kind="peak RSS since the run started"):
+    """The summary.json of a completed 2-epoch run whose best val_acc is ``best``."""
+    return {"status": "completed", "model": "resnet18", "strategy": strategy, "epochs_run": 2, "total_seconds": 3.0,
+            "best": {"monitor": "val_acc", "value": best, "epoch": 2}, "trainable_params": 10,
+            "trainable_params_final": 40, "total_params": 100, "peak_memory_mb": 812.4, "peak_memory_kind": kind}

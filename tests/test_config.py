@@ -13,7 +13,8 @@ from finetune_cli.cli import unique_dir  # noqa: F401  (registers the resolver a
 from finetune_cli.config import Config, StrategyName
 from finetune_cli.paths import conf_dir
 
-GROUPS = ["model", "strategy", "optimizer", "schedule", "augment", "data", "trainer", "regularizer", "experiment"]
+GROUPS = ["model", "strategy", "optimizer", "schedule", "augment", "data", "trainer", "regularizer", "experiment",
+          "hparams_search"]
 
 
 def _compose(overrides=()):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, cli, make_image_folder, run_dirs
+from helpers import TINY, cli, done_summary, fake_job, make_image_folder, run_dirs
 
 SMALL = ["data=synthetic", "data.synthetic.train_per_class=20", "data.synthetic.val_per_class=10", "model.weights=synthetic"]
 
@@ -248,26 +248,11 @@ def test_tensorboard_logger_writes_scalars(tmp_path):
     assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([float(r["val_acc"]) for r in rows])
 
 
-def _fake_job(folder, overrides, summary):
-    from omegaconf import ListConfig, OmegaConf
-
-    (folder / ".hydra").mkdir(parents=True)
-    OmegaConf.save(ListConfig(overrides), folder / ".hydra" / "overrides.yaml")
-    if summary is not None:
-        (folder / "summary.json").write_text(json.dumps(summary))
-
-
-def _done(strategy, best, kind="peak RSS since the run started"):
-    return {"status": "completed", "model": "resnet18", "strategy": strategy, "epochs_run": 2, "total_seconds": 3.0,
-            "best": {"monitor": "val_acc", "value": best, "epoch": 2}, "trainable_params": 10,
-            "trainable_params_final": 40, "total_params": 100, "peak_memory_mb": 812.4, "peak_memory_kind": kind}
-
-
 def test_overrides_are_read_as_yaml(tmp_path):
     from finetune_cli.tools.table import read_overrides
 
     written = ["strategy=full", "data.root='/my data'", "+tag=it's: here", "~trainer.seed", "hydra.run.dir=out/${now:%H}"]
-    _fake_job(tmp_path, written, None)
+    fake_job(tmp_path, written, None)
     assert read_overrides(tmp_path) == {"strategy": "full", "data.root": "'/my data'", "tag": "it's: here",
                                         "trainer.seed": "", "hydra.run.dir": "out/${now:%H}"}
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- [not closed\n")
@@ -278,10 +263,10 @@ def test_sweep_ends_with_the_report_table_in_job_order(tmp_path, capsys):
     from finetune_cli.tools.sweep import show_sweep
 
     base = ["data=synthetic"]
-    for num, lr, summary in ((0, "0.1", _done("full", 0.5)), (1, "0.01", _done("full", 0.9)),
+    for num, lr, summary in ((0, "0.1", done_summary("full", 0.5)), (1, "0.01", done_summary("full", 0.9)),
                              (2, "1.0", {"status": "failed", "strategy": "full", "error": "ValueError: lr too high"}),
                              (10, "0.001", None)):
-        _fake_job(tmp_path / f"{num}_optimizer.lr={lr}", [*base, "strategy=full", f"optimizer.lr={lr}"], summary)
+        fake_job(tmp_path / f"{num}_optimizer.lr={lr}", [*base, "strategy=full", f"optimizer.lr={lr}"], summary)
     show_sweep(tmp_path)
     out = capsys.readouterr().out
     assert out.startswith(f"Sweep: {tmp_path}")
@@ -299,9 +284,9 @@ def test_sweep_ends_with_the_report_table_in_job_order(tmp_path, capsys):
 
 
 def test_report_says_what_each_peak_memory_figure_is(tmp_path):
-    _fake_job(tmp_path / "a", ["strategy=full"], _done("full", 0.9))
-    _fake_job(tmp_path / "b", ["strategy=linear_probe"],
-              _done("linear_probe", 0.5, kind="process peak RSS, includes earlier jobs in this process"))
+    fake_job(tmp_path / "a", ["strategy=full"], done_summary("full", 0.9))
+    fake_job(tmp_path / "b", ["strategy=linear_probe"],
+              done_summary("linear_probe", 0.5, kind="process peak RSS, includes earlier jobs in this process"))
     proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     note = ("peak MB: [1] peak RSS since the run started; "
@@ -383,12 +368,12 @@ def test_confusion_png_text_contrasts_with_every_cell_and_has_a_colour_bar(tmp_p
 
 
 def test_report_hide_failed_leaves_out_failed_and_unscored_runs(tmp_path):
-    _fake_job(tmp_path / "a", ["strategy=full"], _done("full", 0.9))
-    _fake_job(tmp_path / "b", ["strategy=linear_probe"], _done("linear_probe", 0.5))
-    _fake_job(tmp_path / "c", ["strategy=full", "data=broken"],
+    fake_job(tmp_path / "a", ["strategy=full"], done_summary("full", 0.9))
+    fake_job(tmp_path / "b", ["strategy=linear_probe"], done_summary("linear_probe", 0.5))
+    fake_job(tmp_path / "c", ["strategy=full", "data=broken"],
               {"status": "failed", "strategy": "full", "error": "DownloadError: no network"})
-    _fake_job(tmp_path / "d", ["strategy=full", "data=empty"], {"status": "completed", "strategy": "full"})
-    _fake_job(tmp_path / "e", ["strategy=full", "data=gone"], None)
+    fake_job(tmp_path / "d", ["strategy=full", "data=empty"], {"status": "completed", "strategy": "full"})
+    fake_job(tmp_path / "e", ["strategy=full", "data=gone"], None)
 
     proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -413,12 +398,12 @@ def _with(summary, weights, root="/data/flowers", model="resnet18"):
 
 def test_report_gives_the_gain_over_training_from_scratch_and_flags_negative_transfer(tmp_path):
     pre = "ResNet18_Weights.IMAGENET1K_V1"
-    _fake_job(tmp_path / "a", ["strategy=full"], _with(_done("full", 0.90), pre))
-    _fake_job(tmp_path / "b", ["strategy=linear_probe"], _with(_done("linear_probe", 0.55), pre))
-    _fake_job(tmp_path / "c", ["strategy=full", "model.weights=null"], _with(_done("full", 0.60), "random init"))
-    _fake_job(tmp_path / "d", ["strategy=linear_probe", "model.weights=null"],
-              _with(_done("linear_probe", 0.20), "random init"))  # the best scratch run is the baseline
-    _fake_job(tmp_path / "e", ["strategy=full", "data.root=/other"], _with(_done("full", 0.70), pre, "/other"))
+    fake_job(tmp_path / "a", ["strategy=full"], _with(done_summary("full", 0.90), pre))
+    fake_job(tmp_path / "b", ["strategy=linear_probe"], _with(done_summary("linear_probe", 0.55), pre))
+    fake_job(tmp_path / "c", ["strategy=full", "model.weights=null"], _with(done_summary("full", 0.60), "random init"))
+    fake_job(tmp_path / "d", ["strategy=linear_probe", "model.weights=null"],
+              _with(done_summary("linear_probe", 0.20), "random init"))  # the best scratch run is the baseline
+    fake_job(tmp_path / "e", ["strategy=full", "data.root=/other"], _with(done_summary("full", 0.70), pre, "/other"))
     proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
@@ -456,7 +441,7 @@ def test_transfer_check_sweeps_pretrained_and_scratch_runs(tmp_path, cache_dir):
 
 def test_a_summary_whose_dataset_is_not_a_mapping_still_reads(tmp_path):
     """Reading the dataset's root for the scratch comparison made such a run "unreadable"."""
-    _fake_job(tmp_path / "a", ["strategy=full"], {**_done("full", 0.9), "dataset": "flowers"})
+    fake_job(tmp_path / "a", ["strategy=full"], {**done_summary("full", 0.9), "dataset": "flowers"})
     proc = tool("report", tmp_path, "--no-plots", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (row,) = csv.DictReader((tmp_path / "report.csv").open())

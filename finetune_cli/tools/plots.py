@@ -351,13 +351,14 @@ def report_figures(runs: Sequence[Run]) -> Dict[str, Any]:
     return figures
 
 
+def save_png(fig, path: Path) -> Path:
+    """``fig`` written to ``path`` at once (atomically), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_plots(runs: Sequence[Run], out: Path) -> List[Path]:
-    plt = _pyplot()
-    written: List[Path] = []
-    for name, fig in report_figures(runs).items():
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
-        written.append(out / name)
-    return written
+    return [save_png(fig, out / name) for name, fig in report_figures(runs).items()]

@@ -2,7 +2,8 @@
 
 Reads each run folder (one holding Hydra's ``.hydra/``): its ``summary.json``, ``metrics.csv``
 and ``.hydra/overrides.yaml``. Prints a table ranked by the chosen metric and writes, into PATH,
-``report.csv``, ``report.md`` and PNG plots. Runs still going, interrupted or failed appear
+``report.csv``, ``report.md`` and PNG plots; for a hyperparameter search, its trials and
+``trials.csv``; for runs over several seeds, their groups (tools/groups.py). Runs still going, interrupted or failed appear
 marked as such, unless ``--hide-failed`` leaves out those that failed or have no best metric;
 a broken file never stops the report.
 """
@@ -19,8 +20,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from finetune_cli.errors import FinetuneError
 from finetune_cli.io_utils import atomic_write_bytes, text_bytes
+from finetune_cli.tools.groups import chosen_keys, group_runs, show_groups, write_groups
 from finetune_cli.tools.loading import tool_main
 from finetune_cli.tools.plots import write_plots
+from finetune_cli.tools.sweep import show_trials
 from finetune_cli.tools.table import (
     Run,
     finder_outcome,
@@ -35,6 +38,7 @@ from finetune_cli.tools.table import (
     transfer_text,
     wide_console,
 )
+from finetune_cli.tools.trials import find_studies, write_trials_csv
 from finetune_cli.ui import metric_text, pct, pp
 
 COLUMNS = [
@@ -162,6 +166,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("path", type=Path, help="a run folder, a multirun folder, or outputs/")
     parser.add_argument("--sort", choices=sorted(SORT_KEYS), default="best", help="ranking (default: best metric)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--group-by", metavar="KEYS",
+                        help="aggregate runs that differ by seed: each group's mean, std and 95%% CI, compared with "
+                             "the best group by Welch's t-test (report_groups.csv, report_groups.md, groups.png). "
+                             "Config keys (strategy, optimizer.lr; comma-separated), auto (every override that varies "
+                             "but trainer.seed) or none. Default: auto where the runs' trainer.seed varies")
     parser.add_argument("--hide-failed", action="store_true",
                         help="leave out runs that failed or have no best metric (table, CSV, Markdown and plots)")
     args = parser.parse_args(argv)
@@ -178,11 +187,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             one = len(hidden) == 1
             print(f"Hid {len(hidden)} run{'' if one else 's'} that failed or {'has' if one else 'have'} no best "
                   f"metric (run without --hide-failed to list {'it' if one else 'them'}).")
+    keys = chosen_keys(args.group_by, runs)  # (a key no run has is said before anything is written)
+    grouping = group_runs(runs, keys) if keys is not None else None
     wide_console().print(render_table(runs))
     out = args.path if args.path.is_dir() else args.path.parent
     write_tables(runs, out)
-    plots = [] if args.no_plots else write_plots(runs, out)
-    print(f"Wrote {out / 'report.csv'}, {out / 'report.md'}" + "".join(f", {p}" for p in plots))
+    written = [out / "report.csv", out / "report.md"]
+    try:
+        studies = find_studies(args.path)
+    except FinetuneError as exc:  # a search's study, and no Optuna to read it: the rest of the report stands
+        studies = []
+        print(f"Trials not listed: {exc}")
+    if studies:
+        show_trials(studies, runs)
+        write_trials_csv(studies, out / "trials.csv")
+        written.append(out / "trials.csv")
+    written += [] if args.no_plots else write_plots(runs, out)
+    if grouping is not None:
+        show_groups(grouping)
+        written += write_groups(grouping, out, plot=not args.no_plots)
+    print("Wrote " + ", ".join(map(str, written)))
     return 0
 
 
