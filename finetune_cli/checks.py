@@ -10,7 +10,7 @@ import math
 import operator
 import typing
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -106,10 +106,11 @@ def _in_range(value: Any, low: float, high: float, bounds: str) -> bool:
     return above and below
 
 
-def range_problems(cfg: Config, ranges: list = RANGES) -> List[str]:
-    """Numbers outside the values they may take (NaN and infinity included), each with its range."""
+def range_problems(cfg: Config, ranges: Optional[list] = None) -> List[str]:
+    """Numbers outside the values they may take (NaN and infinity included), each with its range
+    (``ranges``: RANGES as it is when called, unless given)."""
     found = []
-    for key, low, high, bounds, meaning in ranges:
+    for key, low, high, bounds, meaning in RANGES if ranges is None else ranges:
         value = operator.attrgetter(key)(cfg)
         if value is None:
             continue

@@ -102,6 +102,27 @@ def compose_config(overrides: Sequence[str] = ()):
 
 
 @pytest.fixture
+def refused(tmp_path, monkeypatch):
+    """``refused(*overrides) -> message``: the settings as the CLI checks them before any folder
+    exists (``cli.ready_to_run``), in this process; asserts they are refused with a FinetuneError
+    (which the CLI prints as one paragraph, exit 1) and that no folder was made."""
+    from finetune_cli.checks import typed_config
+    from finetune_cli.cli import ready_to_run
+    from finetune_cli.errors import FinetuneError
+
+    monkeypatch.chdir(tmp_path)
+
+    def _refused(*overrides: str) -> str:
+        cfg, _ = compose_config(overrides)
+        with pytest.raises(FinetuneError) as err:
+            ready_to_run(typed_config(cfg))
+        assert not (tmp_path / "outputs").exists()
+        return str(err.value)
+
+    return _refused
+
+
+@pytest.fixture
 def finetune(tmp_path, monkeypatch, caplog):
     """Run ``finetune_cli.run.run`` in this process, as ``finetune-cli OVERRIDES`` would.
 

@@ -2,10 +2,6 @@
 balanced accuracy / macro-F1 in metrics.csv, the summary and the report."""
 
 import csv
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -16,8 +12,6 @@ from finetune_cli.config import ClassWeights
 from finetune_cli.data.folders import make_loader
 from finetune_cli.train.balance import loss_weights
 from finetune_cli.train.engine import class_metrics
-
-from helpers import cli
 
 
 def test_balanced_accuracy_and_macro_f1_match_their_definitions():
@@ -103,15 +97,14 @@ def test_the_balanced_sampler_and_class_weights_change_training_and_the_plan_say
     assert not torch.allclose(a, b)
 
 
-def test_the_report_shows_balanced_accuracy_and_macro_f1(tmp_path):
+def test_the_report_shows_balanced_accuracy_and_macro_f1(finetune, report, tmp_path):
     root = _imbalanced(tmp_path / "data")
-    proc = cli([*BASE, f"data.root={root}", "hydra.run.dir=outputs/one"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = subprocess.run([sys.executable, "-m", "finetune_cli.tools.report", "outputs"], capture_output=True,
-                            text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "250"})
-    assert report.returncode == 0, report.stderr[-2000:]
-    assert "bal acc / F1" in report.stdout  # shown where a run's classes are imbalanced (6:1 here)
-    row = next(csv.DictReader((tmp_path / "outputs" / "report.csv").open()))
-    summary = json.loads((tmp_path / "outputs/one/summary.json").read_text())
+    summary, run = finetune(*BASE, f"data.root={root}")
+    (run / ".hydra").mkdir()  # a run folder as the CLI leaves it
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    shown = report(run.parent)
+    assert shown.returncode == 0, shown.stderr
+    assert "bal acc / F1" in shown.stdout  # shown where a run's classes are imbalanced (6:1 here)
+    row = next(csv.DictReader((run.parent / "report.csv").open()))
     assert float(row["balanced_acc"]) == summary["at_best"]["val_balanced_acc"]
     assert float(row["macro_f1"]) == summary["at_best"]["val_macro_f1"]

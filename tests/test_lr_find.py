@@ -238,7 +238,12 @@ def test_finetune_cli_lr_find_prints_the_override_to_paste(tmp_path):
         (["trainer.devices=2", "trainer.device=cpu"], "task=lr_find runs in one process"),
     ],
 )
-def test_bad_lr_finder_settings_are_refused_before_any_folder(tmp_path, args, needle):
+def test_bad_lr_finder_settings_are_refused_before_any_folder(tmp_path, refused, args, needle):
+    """The first through the real CLI (exit 1, no traceback, no folder); the rest through the same
+    check in this process."""
+    if args[0] != "lr_find.start_lr=1":
+        assert needle in refused(*TINY, *args)
+        return
     proc = cli([*TINY, *args], tmp_path)
     assert proc.returncode == 1
     assert needle in proc.stderr, proc.stderr

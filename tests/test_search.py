@@ -143,6 +143,7 @@ def test_a_failed_trial_does_not_stop_the_search(tmp_path, cache_dir):
     assert "3 trials: 2 completed, 1 failed" in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 12 s; a failed trial's handling is tested in the default suite above
 @pytest.mark.fault
 def test_a_search_none_of_whose_trials_completed_exits_1_in_one_paragraph(tmp_path, cache_dir):
     proc = cli([*SEARCH, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=search", "optimizer.lr=1e9",

@@ -61,7 +61,7 @@ def test_report_ranks_runs_and_marks_the_unfinished(sweep, tmp_path):
 
     rows = list(csv.DictReader((root / "report.csv").open()))
     assert list(rows[0]) == ["run", "status", "model", "strategy", "overrides", "monitor", "best", "best_epoch",
-                             "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
+                             "balanced_acc", "macro_f1", "final_train_acc", "final_val_acc", "train_val_gap", "epochs_run", "total_seconds",
                              "seconds_per_epoch", "images_per_s", "trainable_params", "total_params", "trainable_pct",
                              "peak_memory_mb", "grad_optimizer_mb", "feature_cache", "weights", "transfer_gain",
                              "target_val_acc", "adapt", "error"]

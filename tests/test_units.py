@@ -52,9 +52,10 @@ def test_stage_restore_words_name_the_monitor_in_its_unit():
     assert str(RestoreStageBest(2, 0.409, 5, "val_loss")) == "restored the best weights of stage 2 (val_loss 0.4090, epoch 5)"
 
 
-def _run(name, monitor, best, train_acc, val_acc):
+def _run(name, monitor, best, train_acc, val_acc, balanced=None):
     row = {"run": name, "status": "completed", "model": "resnet18", "strategy": "full", "overrides": "",
-           "monitor": monitor, "best": best, "best_epoch": 6, "final_train_acc": train_acc, "final_val_acc": val_acc,
+           "monitor": monitor, "best": best, "best_epoch": 6, "balanced_acc": balanced, "macro_f1": balanced,
+           "final_train_acc": train_acc, "final_val_acc": val_acc,
            "train_val_gap": train_acc - val_acc, "epochs_run": 6, "total_seconds": 12.0, "seconds_per_epoch": 2.0,
            "images_per_s": 80.0, "trainable_params": 100, "total_params": 100, "trainable_pct": 100.0,
            "peak_memory_mb": 800.0, "grad_optimizer_mb": 1.0, "feature_cache": "", "error": "",
@@ -63,7 +64,7 @@ def _run(name, monitor, best, train_acc, val_acc):
 
 
 def test_run_table_and_report_md_show_percent_and_points_while_report_csv_keeps_fractions(tmp_path):
-    runs = [_run("a", "val_acc", 0.84, 0.906, 0.84), _run("b", "val_loss", 0.409, 0.75, 0.8)]
+    runs = [_run("a", "val_acc", 0.84, 0.906, 0.84, balanced=0.795), _run("b", "val_loss", 0.409, 0.75, 0.8)]
     console = Console(width=200, color_system=None)
     with console.capture() as cap:
         console.print(render_table(runs))
@@ -76,7 +77,7 @@ def test_run_table_and_report_md_show_percent_and_points_while_report_csv_keeps_
 
     write_tables(runs, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "| 84.0% | 6 | 90.6% | +6.6 pp |" in md and "| 0.4090 | 6 | 75.0% | -5.0 pp |" in md
+    assert "| 84.0% | 6 | 79.5% | 79.5% | 90.6% | +6.6 pp |" in md and "| 0.4090 | 6 | - | - | 75.0% | -5.0 pp |" in md
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert float(rows[0]["best"]) == 0.84 and float(rows[0]["final_train_acc"]) == 0.906
     assert float(rows[0]["train_val_gap"]) == pytest.approx(0.066)

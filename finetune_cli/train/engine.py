@@ -128,7 +128,6 @@ def train_one_epoch(
     finite = torch.ones((), dtype=torch.bool, device=device)
     seen = 0
     batches = len(loader)
-    optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(_bar(loader, progress, desc)):
         images, targets = _inputs(images, targets, device, channels_last, mix)
@@ -148,6 +147,8 @@ def train_one_epoch(
         if (step + 1) % check_every == 0:
             _check_finite(finite, loss, step, check_every, desc, across_processes)
         window = update_window(step, batches, accumulate)
+        if step % accumulate == 0:  # an update's first batch (the last update's gradients stay until then)
+            optimizer.zero_grad(set_to_none=True)
         steps_now = (step + 1) % accumulate == 0 or step + 1 == batches
         with contextlib.nullcontext() if steps_now or not hasattr(model, "no_sync") else model.no_sync():
             _backward(loss / window if window > 1 else loss, scaler)
@@ -195,13 +196,13 @@ def train_steps(
     other, for the caller to judge; the caller stops by asking for no more."""
     model.train()
     params = _trained(optimizer)
-    optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(batches):
         before_step(step)
         images, targets = _inputs(images, targets, device, channels_last, mix)
         with precision.autocast(device):
             _, loss = batch_loss(model(images), targets, criterion, aux_weight, penalty)
         yield float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
         _backward(loss, scaler)
         _step(optimizer, params, scaler, grad_clip)
 
@@ -253,7 +254,7 @@ def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> Non
 
 def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
           scaler: Optional[torch.amp.GradScaler], grad_clip: Optional[float]) -> None:
-    """Optional clipping (of unscaled gradients), the optimizer step, and fresh gradients."""
+    """Optional clipping (of unscaled gradients), and the optimizer step."""
     if scaler is not None:
         if grad_clip:
             scaler.unscale_(optimizer)
@@ -264,7 +265,6 @@ def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int, every: int, desc: str,
