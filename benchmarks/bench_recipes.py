@@ -9,6 +9,7 @@ the seeds, the training seconds per epoch, and the difference to the plain loop'
 
     python benchmarks/bench_recipes.py                        # every preset, 3 seeds
     python benchmarks/bench_recipes.py --presets full ulmfit --set optimizer.lr=3e-4
+    python benchmarks/bench_recipes.py --presets freeze_early discriminative --per-class 15   # smaller data
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--per-class", type=int, default=60, help="training images per class")
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every tool run (not the plain loop)")
     p.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
     p.add_argument("--plain-constant", action="store_true", help="the plain loop keeps its LR constant (no cosine)")
     a = p.parse_args()
-    classes, per_class = 10, 60
+    classes, per_class = 10, a.per_class
     if a.quick:
         a.presets, a.seeds, a.epochs, a.size, per_class = ["linear_probe", "full"], 1, 1, 32, 6
     out = workdir(a.workdir)

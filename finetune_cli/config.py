@@ -232,8 +232,8 @@ class StageConfig:
 @dataclass
 class StrategyConfig:
     name: StrategyName = StrategyName.linear_probe
-    freeze_groups: int = 2  # freeze_early: how many groups, from the input side, stay frozen
-    train_groups: int = 1  # partial: how many groups below the head train
+    freeze_groups: int = 1  # freeze_early: how many groups, from the input side, stay frozen
+    train_groups: int = 2  # partial: how many groups below the head train
     lr_scale: float = 1.0  # multiplies optimizer.lr for this strategy (full fine-tuning: low LR)
     bn: BNMode = BNMode.train  # frozen groups' statistics follow the target data; linear_probe: frozen_eval
     # discriminative LRs (any strategy): optimizer.lr x lr_scale is the head's LR; each group
@@ -250,17 +250,17 @@ class StrategyConfig:
     schedule: Optional[ScheduleName] = None
     # staged
     stages: List[StageConfig] = field(default_factory=list)
-    # auto: images per class below `auto_small` -> linear probe; below `auto_large` ->
+    # auto: images per class below `auto_small` -> linear probe (0: never); below `auto_large` ->
     # freeze the early half of the groups; else full fine-tuning with discriminative LRs
-    auto_small: int = 100
-    auto_large: int = 1000
+    auto_small: int = 0
+    auto_large: int = 50
     auto_lr_decay: float = 1.5
     # LoRA (strategy=lora; or lora=true with any strategy that trains groups below the head): a
     # training group below the head trains only low-rank matrices (peft) beside the family's chosen
     # layers, whose own weights stay frozen; the head trains fully
     lora: bool = False
-    lora_rank: int = 8  # r
-    lora_alpha: float = 16.0  # the update B @ A is scaled by alpha / r
+    lora_rank: int = 16  # r
+    lora_alpha: float = 32.0  # the update B @ A is scaled by alpha / r
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     lora_targets: LoraTargets = LoraTargets.all
     lora_save: LoraSave = LoraSave.full

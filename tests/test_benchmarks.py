@@ -19,6 +19,7 @@ from helpers import REPO
     ("bench_sweep.py", "serial / parallel: "),
     ("bench_ddp_unfreeze.py", "wrap once / rewrap: "),
     ("bench_recipes.py", "presets at or above the plain loop: "),
+    ("bench_probe_ceiling.py", "linear probe ceiling (best val acc): "),
     ("bench_imbalance.py", "settings measured: "),
     ("bench_tracking.py", "mlflow per epoch: "),
 ])

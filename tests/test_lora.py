@@ -31,9 +31,9 @@ def test_the_plan_lists_the_lora_parameters_and_their_shapes(finetune, caplog):
     summary, _ = finetune(*TINY, "strategy.lr_decay=2", "plan=true")
     rows, lora = summary["groups"], summary["lora"]
     built = create_model("resnet18", WeightsChoice("none"), num_classes=10, image_size=32)
-    adapt(built, LoraSettings(8, 16.0, 0.0, "all"))
+    adapt(built, LoraSettings(16, 32.0, 0.0, "all"))
     per_group = {g.name: sum(p.numel() for n, p in g.params if is_lora_param(n)) for g in built.groups}
-    assert lora["params"] == sum(per_group.values()) > 0 and lora["rank"] == 8 and lora["layers"] == 20
+    assert lora["params"] == sum(per_group.values()) > 0 and lora["rank"] == 16 and lora["layers"] == 20
     for row in rows[:-1]:
         assert row["status"] == f"LoRA only ({per_group[row['group']]:,})", row
     assert rows[-1]["status"] == "train"
@@ -42,8 +42,8 @@ def test_the_plan_lists_the_lora_parameters_and_their_shapes(finetune, caplog):
     assert lora["pct_of_model"] == pytest.approx(100 * lora["params"] / summary["total_params"])
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == sorted(lrs) and lrs[-2] == pytest.approx(lrs[-1] / 2, rel=0.01)  # discriminative LRs hold
-    assert "LoRA (peft): rank 8, alpha 16 (updates scaled by 2)" in caplog.text
-    assert "3 x 512x512x3x3: A 8x512x3x3 + B 512x8x1x1 = 40,960 each" in caplog.text
+    assert "LoRA (peft): rank 16, alpha 32 (updates scaled by 2)" in caplog.text
+    assert "3 x 512x512x3x3: A 16x512x3x3 + B 512x16x1x1 = 81,920 each" in caplog.text
 
 
 def test_a_vision_transformer_gets_lora_on_its_mlp_and_attention_projection(finetune, caplog):
@@ -52,7 +52,7 @@ def test_a_vision_transformer_gets_lora_on_its_mlp_and_attention_projection(fine
     assert status["embed"] == status["blocks1"] == status["blocks2"] == "frozen (no LoRA layer)"
     assert status["blocks3"].startswith("LoRA only") and status["blocks4"].startswith("LoRA only")
     assert summary["lora"]["layers"] == 18  # 6 blocks: two MLP linears and the query/key/value weights each
-    assert "6 x 2304x768: A 8x768 + B 2304x8 = 24,576 each" in caplog.text
+    assert "6 x 2304x768: A 16x768 + B 2304x16 = 49,152 each" in caplog.text
 
 
 def _changed(a: dict, b: dict, key: str) -> bool:
@@ -82,7 +82,7 @@ def test_a_lora_run_trains_the_lora_matrices_and_the_head_only(finetune):
     assert torch.equal(tuned["bn1.running_mean"], start["bn1.running_mean"])  # no LoRA in the stem: held
     assert _changed(tuned, start, "layer4.0.bn1.running_mean")  # the adapted groups follow the data
     built = create_model("resnet18", WeightsChoice("none"), num_classes=10, image_size=32)
-    adapt(built, LoraSettings(8, 16.0, 0.0, "last"))
+    adapt(built, LoraSettings(16, 32.0, 0.0, "last"))
     counted = sum(p.numel() for n, p in built.model.named_parameters() if is_lora_param(n) or n.startswith("fc."))
     assert summary["trainable_params"] == counted
     assert not summary["feature_cache"]["train"]
@@ -108,7 +108,7 @@ def test_progressive_lora_resumes_exactly(finetune, caplog, save):
     if save == "adapter":
         assert a["base"]["left_out"] > 0 and not any(".base_layer." in k for k in a["model"])
         assert set(lora_keys) and {k.split(".")[0] for k in a["model"]} >= {"fc", "layer4"}
-        assert middle.stat().st_size * 10 < 45e6  # resnet18's weights alone are 45 MB
+        assert middle.stat().st_size * 5 < 45e6  # resnet18's weights alone are 45 MB
     else:
         assert "base" not in a and any(".base_layer." in k for k in a["model"])
 

@@ -134,11 +134,14 @@ def test_last_stage_with_patience_finishes_the_run():
 
 
 @pytest.mark.parametrize(
-    "ipc, chose, k, decay",
-    [(20, "linear_probe", 0, 1.0), (300, "freeze_early", 3, 1.0), (5000, "full", 5, 1.5)],
+    "ipc, small, chose, k, decay",
+    [(5, None, "freeze_early", 3, 1.0), (49, None, "freeze_early", 3, 1.0), (50, None, "full", 5, 1.5),
+     (5000, None, "full", 5, 1.5), (5, 10, "linear_probe", 0, 1.0)],
 )
-def test_auto_chooses_by_images_per_class(ipc, chose, k, decay):
-    c = ctl(name=StrategyName.auto, ipc=ipc)
+def test_auto_chooses_by_images_per_class(ipc, small, chose, k, decay):
+    # the defaults (None): the linear probe is never chosen (auto_small=0), as it lost at every size
+    # measured; below auto_large=50 the early half stays frozen
+    c = ctl(name=StrategyName.auto, ipc=ipc, **({} if small is None else {"auto_small": small}))
     decision = c.recipe.decision
     assert decision["chose"] == chose and decision["images_per_class"] == ipc
     assert f"{float(ipc):.1f} training images per class" in decision["reason"]
