@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,6 +32,10 @@ from finetune_cli.train.features import FeatureStore
 from finetune_cli.train.shutdown import Interrupted
 
 log = logging.getLogger("finetune_cli")
+
+# What a second signal leaves the logger to record the end (an MLflow run KILLED, TensorBoard's
+# last events) before the process quits: a store that does not answer by then is left as it is.
+FORCED_CLOSE_SECONDS = 5.0
 
 
 class Recorder:
@@ -166,10 +171,18 @@ class Recorder:
         return self.summary
 
     def forced_out(self, signum: int) -> None:
-        """A second signal ends the process at once: summary.json says so rather than "running"."""
+        """A second signal ends the process at once: summary.json says so rather than "running",
+        and the logger gets FORCED_CLOSE_SECONDS to record the end."""
         self.summary.update(status="interrupted", error=f"{signal.Signals(signum).name} twice: quit at once, "
                             "the epoch under way abandoned", total_seconds=self.seconds())
         self._write(atomic_json, self.summary, self.out_dir / "summary.json")
+        if self.logger is not None:
+            closing = threading.Thread(target=self.close, args=("interrupted",), name="logger-close", daemon=True)
+            closing.start()
+            closing.join(FORCED_CLOSE_SECONDS)
+            if closing.is_alive():
+                log.warning(f"The logger did not record the end within {FORCED_CLOSE_SECONDS:g} s; quitting without "
+                            "it (a tracking server may still show this run as running).")
 
     def failed(self, error: BaseException) -> None:
         """The run stops on an error: the logger is told (summary.json records it: ``mark_failed``)."""

@@ -114,9 +114,15 @@ def test_sigterm_during_synthetic_pretraining_stops_cleanly(tmp_path):
 RANDOM_INIT = [a for a in COMMON if a != "model.weights=synthetic"]  # no pretraining needed
 
 
-def test_a_second_sigterm_quits_at_once_and_records_the_interruption(tmp_path):
-    """A second signal exits without waiting; summary.json once stayed "running"."""
-    proc = _start([*RANDOM_INIT, "hydra.run.dir=outputs/twice"], tmp_path)
+@pytest.mark.parametrize("logger", ["none", "mlflow"])
+def test_a_second_sigterm_quits_at_once_and_records_the_interruption(tmp_path, logger):
+    """A second signal exits without waiting; summary.json once stayed "running", and the MLflow
+    run RUNNING."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = [] if logger == "none" else ["logger=mlflow", f"logger.tracking_uri={store}"]
+    if tracking:
+        pytest.importorskip("mlflow")
+    proc = _start([*RANDOM_INIT, *tracking, "hydra.run.dir=outputs/twice"], tmp_path)
     _wait_for(proc, "epoch   1/4")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -125,6 +131,29 @@ def test_a_second_sigterm_quits_at_once_and_records_the_interruption(tmp_path):
     assert proc.returncode == 143
     summary = json.loads((tmp_path / "outputs/twice/summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM twice" in summary["error"]
+    if tracking:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=store)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.info.status == "KILLED" and "SIGTERM twice" in run.data.tags["error"]
+
+
+def test_a_tracking_store_that_does_not_answer_holds_a_forced_quit_for_seconds_only(tmp_path, monkeypatch, caplog):
+    from finetune_cli import record
+
+    class Hanging:
+        def close(self, status, summary):
+            time.sleep(60)
+
+    monkeypatch.setattr(record, "FORCED_CLOSE_SECONDS", 0.2)
+    rec = record.Recorder(tmp_path)
+    rec.logger = Hanging()
+    started = time.monotonic()
+    rec.forced_out(signal.SIGTERM)
+    assert time.monotonic() - started < 30
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
+    assert "did not record the end within 0.2 s" in caplog.text
 
 
 def test_a_second_process_in_a_busy_folder_is_refused(tmp_path):
