@@ -2,7 +2,7 @@
 the sharing of a machine behind it. (SLURM: tests/test_slurm.py.)"""
 
 import json
-from datetime import datetime
+import re
 
 import pytest
 
@@ -15,11 +15,17 @@ def _summary(run):
     return json.loads((run / "summary.json").read_text())
 
 
-def _interval(run):
-    """When a job's run started and ended, from its log's first and last time stamps."""
-    stamps = [line[1:24] for line in (run / "finetune.log").read_text().splitlines() if line.startswith("[20")]
-    parse = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in (stamps[0], stamps[-1])]
-    return parse[0], parse[1]
+def _spans(stdout):
+    """Each job's process life in the launcher's own order of events: from the line that starts it
+    to the line that reports it finished (its share goes back only then). Two jobs ran at once when
+    each started before the other finished; this holds whatever the machine's load, unlike the
+    wall-clock times of the jobs' own logs (a job slow to import may begin training after its
+    neighbour has finished)."""
+    events = re.findall(r"#(\d+) (?:.*: (started) on |(finished) in )", stdout)
+    spans = {}
+    for order, (job, started, _) in enumerate(events):
+        spans.setdefault(job, [None, None])[0 if started else 1] = order
+    return {job: tuple(span) for job, span in spans.items()}
 
 
 # -- the machine dealt out ----------------------------------------------------------------------
@@ -81,7 +87,8 @@ def test_a_parallel_sweep_runs_its_jobs_at_once_each_on_its_own_gpu_and_core(tmp
     assert all(s["status"] == "completed" and s["epochs_run"] == 2 for s in summaries.values())
     places = {r.name[0]: _summary(r)["placement"] for r in runs}
     assert all(p["cuda_visible_devices"] in ("0", "1") and len(p["cores"]) == 1 for p in places.values())
-    spans = {r.name[0]: _interval(r) for r in runs}
+    spans = _spans(proc.stdout)
+    assert set(spans) == set(places) and all(None not in span for span in spans.values()), proc.stdout
     overlapping = [(a, b) for a in spans for b in spans if a < b
                    and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
     assert overlapping, f"no two jobs ran at once: {spans}"
