@@ -159,6 +159,24 @@ def test_a_linear_probe_sweeps_cached_features_with_the_losses_of_the_whole_netw
     assert _found(cached)["suggestion"] == pytest.approx(_found(cached)["head_lr"] / 10)
 
 
+def test_with_accumulation_each_step_is_one_update_of_the_accumulated_batches(finetune, caplog):
+    """trainer.accumulate=2 over batches of 8 sweeps as training updates: each step one update of 16
+    images, the same LRs and losses as batches of 16 (BatchNorm in eval, no augmentation, SGD: the
+    same images give the same update), across epochs' ends (10 steps of 16 from 80 images)."""
+    args = (*TINY, "strategy=full", "strategy.bn=freeze_all", "augment=none", "optimizer=sgd", "lr_find.steps=10",
+            "lr_find.start_lr=1e-5", "lr_find.end_lr=0.1", "lr_find.diverge=null")
+    _, sixteen = finetune(*args, "data.batch_size=16", name="sixteen")
+    _, summed = finetune(*args, "data.batch_size=8", "trainer.accumulate=2", name="accumulated")
+    a, b = _rows(sixteen), _rows(summed)
+    assert len(a) == len(b) == 10 and [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+    assert _found(summed)["batches_per_step"] == 2 and _found(sixteen)["batches_per_step"] == 1
+    assert "each step one update of 2 batches (trainer.accumulate)" in caplog.text
+    # and not the sweep of one batch of 8 per step
+    _, each = finetune(*args, "data.batch_size=8", name="each")
+    assert [r["loss"] for r in _rows(each)] != pytest.approx([r["loss"] for r in a], abs=1e-3)
+
+
 def test_the_smoothing_is_bias_corrected_and_only_a_finite_loss_counts():
     def losses(values):
         return lambda before: (before(i) or v for i, v in enumerate(values))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -189,21 +190,30 @@ def train_steps(
     penalty: Optional[Callable[[], torch.Tensor]] = None,
     mix: Optional[Callable] = None,
     channels_last: bool = False,
+    accumulate: int = 1,
 ) -> Iterator[float]:
-    """Training steps as ``train_one_epoch`` takes them, one per batch, for a caller that watches
-    every step's loss (the LR finder): ``before_step(i)`` runs first (it sets the LRs), and each
-    step's loss is yielded before that step's update. A loss that is not finite is yielded like any
-    other, for the caller to judge; the caller stops by asking for no more."""
+    """Training updates as ``train_one_epoch`` makes them, for a caller that watches every update's
+    loss (the LR finder): ``before_step(i)`` runs first (it sets the LRs), then the update's
+    ``accumulate`` batches go forward and backward (each loss divided by ``accumulate``), and their
+    mean loss, the loss of one batch ``accumulate`` times larger, is yielded before the optimizer
+    steps. A loss that is not finite is yielded like any other, for the caller to judge; the caller
+    stops by asking for no more. An update whose batches run out is not taken."""
     model.train()
     params = _trained(optimizer)
-    for step, (images, targets) in enumerate(batches):
+    batches = iter(batches)
+    for step in itertools.count():
         before_step(step)
-        images, targets = _inputs(images, targets, device, channels_last, mix)
-        with precision.autocast(device):
-            _, loss = batch_loss(model(images), targets, criterion, aux_weight, penalty)
-        yield float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        _backward(loss, scaler)
+        losses = []
+        for images, targets in itertools.islice(batches, accumulate):
+            images, targets = _inputs(images, targets, device, channels_last, mix)
+            with precision.autocast(device):
+                _, loss = batch_loss(model(images), targets, criterion, aux_weight, penalty)
+            losses.append(float(loss.detach()))
+            _backward(loss / accumulate if accumulate > 1 else loss, scaler)
+        if len(losses) < accumulate:
+            return
+        yield sum(losses) / accumulate
         _step(optimizer, params, scaler, grad_clip)
 
 

@@ -3,9 +3,10 @@ Tuner run it, on the run's own parts.
 
 The run is built as for training: the model with the strategy's freezing as at epoch 1, the
 optimizer's parameter groups, the training loss (label smoothing, MixUp/CutMix, auxiliary heads,
-the regularizer's penalty), AMP, gradient clipping and the device. Over ``steps`` training steps
-the head's LR rises exponentially from ``start_lr`` to ``end_lr``; every other parameter group
-keeps its ratio to the head (discriminative LRs), and frozen groups stay frozen. The loss is
+the regularizer's penalty), AMP, gradient clipping, gradient accumulation and the device. Over
+``steps`` training steps (each an update of ``trainer.accumulate`` batches, as training makes
+them) the head's LR rises exponentially from ``start_lr`` to ``end_lr``; every other parameter
+group keeps its ratio to the head (discriminative LRs), and frozen groups stay frozen. The loss is
 smoothed by an exponential moving average with bias correction; the sweep ends early once the
 smoothed loss passes ``diverge`` times its lowest, or a loss is not finite. Three rules read a
 suggestion off the smoothed curve (``LRRule``). Everything the sweep changes (weights, BatchNorm
@@ -64,6 +65,7 @@ class Sweep:
     stopped: str = ""  # why it ended before its last step; "" when it ran every step
     seconds: float = 0.0
     features: bool = False  # the head trained on cached features
+    batches_per_step: int = 1  # each step one update of this many batches (trainer.accumulate)
 
     def rows(self) -> List[Dict[str, Any]]:
         """lr_find.csv: one row per step."""
@@ -231,7 +233,8 @@ def cached_inputs(parts: Parts, settings: SweepSettings) -> Optional[Tuple[nn.Mo
     augment=none: its training features can be cached), and the sweep sees more images than the
     training set holds, the head sweeps over the frozen network's outputs, computed once, in memory."""
     env, loader = parts.env, parts.train_loader
-    if not parts.caching.train or settings.steps * parts.settings.batch_size <= len(parts.splits.train):
+    seen = settings.steps * parts.settings.batch_size * parts.settings.accumulate
+    if not parts.caching.train or seen <= len(parts.splits.train):
         return None
     once = make_loader(parts.splits.train, batch_size=parts.settings.batch_size, num_workers=env.workers,
                        train=False, seed=0, pin_memory=env.device.type == "cuda")
@@ -254,10 +257,11 @@ def sweep_parts(parts: Parts, settings: SweepSettings) -> Sweep:
     steps_of = partial(train_steps, model, endless(batches), parts.optimizer, parts.criterion, env.device,
                        precision=env.precision, scaler=env.precision.scaler(env.device), grad_clip=s.grad_clip,
                        aux_weight=s.aux_weight, penalty=parts.penalty, mix=parts.mixer,
-                       channels_last=env.channels_last)
+                       channels_last=env.channels_last, accumulate=s.accumulate)
     found = sweep(lambda before: steps_of(before_step=before), parts.optimizer,
                   ratios(parts.optimizer, parts.recipe.names, parts.lrs), settings)
     found.features = cached is not None
+    found.batches_per_step = s.accumulate
     return found
 
 
@@ -314,6 +318,7 @@ def result(found: Sweep, chosen: Dict[LRRule, Pick], rule: LRRule, units: LRUnit
         "diverge": settings.diverge,
         "smoothing": settings.smoothing,
         "cached_features": found.features,
+        "batches_per_step": found.batches_per_step,
         "seconds": found.seconds,
     }
 
@@ -331,8 +336,10 @@ def run_lr_find(parts: Parts, settings: SweepSettings, rule: LRRule, units: LRUn
     recorder write lr_find.csv, lr_find.json, lr_find.png and summary.json."""
     from finetune_cli.train.lr_find_view import write_picture
 
+    per_step = parts.settings.accumulate
+    each = f" (each step one update of {per_step} batches (trainer.accumulate))" if per_step > 1 else ""
     log.info(f"LR finder: the head's LR from {settings.start_lr:.1e} to {settings.end_lr:.1e} over {settings.steps} "
-             "steps, every group at its ratio to the head, frozen groups frozen; the weights and the optimizer are "
+             f"steps{each}, every group at its ratio to the head, frozen groups frozen; the weights and the optimizer are "
              "put back afterwards, and nothing is saved.")
     if parts.adaptation is not None:
         log.info("LR finder: the sweep follows the classification loss alone; the domain loss (adapt=) is left out.")
