@@ -204,16 +204,17 @@ def train_steps(
     for step in itertools.count():
         before_step(step)
         optimizer.zero_grad(set_to_none=True)
-        losses = []
+        total, taken = torch.zeros((), device=device), 0
         for images, targets in itertools.islice(batches, accumulate):
             images, targets = _inputs(images, targets, device, channels_last, mix)
             with precision.autocast(device):
                 _, loss = batch_loss(model(images), targets, criterion, aux_weight, penalty)
-            losses.append(float(loss.detach()))
+            total += loss.detach().float()
+            taken += 1
             _backward(loss / accumulate if accumulate > 1 else loss, scaler)
-        if len(losses) < accumulate:
+        if taken < accumulate:
             return
-        yield sum(losses) / accumulate
+        yield float(total) / accumulate  # one wait for the device per update
         _step(optimizer, params, scaler, grad_clip)
 
 
